@@ -1,0 +1,1 @@
+"""anllm-jax: anchor-based LLMs (AnLLM) in JAX."""

@@ -1,0 +1,49 @@
+"""Attention backends behind one dispatcher.
+
+Every backend takes queries [B, T, N, H], keys and values [B, S, K, H] (grouped-query: N is a multiple of K)
+and the `TokenInfo` of the query and key positions, and computes softmax attention under
+`masks.allowed(q_info, k_info)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from anllm_jax import masks
+
+# Finite, so a fully masked row (padding) softmaxes to a uniform row instead of NaN.
+_MASKED = -1e30
+
+
+def attend(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    q_info: masks.TokenInfo,
+    k_info: masks.TokenInfo,
+    impl: str = "xla",
+) -> jax.Array:
+    """Masked attention; returns [B, T, N, H] in the dtype of the queries."""
+    if impl == "xla":
+        return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+    if impl == "cudnn":
+        return _cudnn(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+    raise ValueError(f"unknown attention impl {impl!r}; choose xla or cudnn")
+
+
+def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """Dense reference: float32 scores and softmax, mask applied with `where`."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS * (H**-0.5), _MASKED)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
+    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """cuDNN fused attention (GPU, bf16/fp16); the AnSAN mask becomes a dense bias inside cuDNN."""
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation="cudnn")

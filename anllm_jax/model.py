@@ -1,0 +1,221 @@
+"""Llama-family decoder in Flax NNX, with the AnSAN mask and an optional KV-cache write path.
+
+Layer weights are stacked along a leading `layers` axis and the forward pass scans over them, so compile
+time does not grow with depth and the stack shards like any other axis. Every parameter carries logical
+axis names (`out_sharding` metadata) from: vocab, embed, heads, kv_heads, head_dim, mlp, layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from anllm_jax import attention, masks
+from anllm_jax.config import ModelConfig
+
+# name: (shape function of the config, logical axes, initialiser kind)
+_LAYER_PARAMS = {
+    "attn_norm": (lambda c: (c.d_model,), ("embed",), "ones"),
+    "wq": (lambda c: (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), "normal"),
+    "wk": (lambda c: (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "normal"),
+    "wv": (lambda c: (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "normal"),
+    "wo": (lambda c: (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), "normal"),
+    "mlp_norm": (lambda c: (c.d_model,), ("embed",), "ones"),
+    "w_gate": (lambda c: (c.d_model, c.ffn_dim), ("embed", "mlp"), "normal"),
+    "w_up": (lambda c: (c.d_model, c.ffn_dim), ("embed", "mlp"), "normal"),
+    "w_down": (lambda c: (c.ffn_dim, c.d_model), ("mlp", "embed"), "normal"),
+}
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    # Logical names only: a mesh and rules turn them into shardings at train time (sharding.py).
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _init(kind: str, key: jax.Array, shape: tuple[int, ...], dtype: str) -> jax.Array:
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+class Blocks(nnx.Module):
+    """The decoder layers, each weight stacked to [n_layers, ...]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        for name, (shape_fn, axes, kind) in _LAYER_PARAMS.items():
+            value = _init(kind, rngs.params(), (cfg.n_layers, *shape_fn(cfg)), cfg.param_dtype)
+            setattr(self, name, _param(value, ("layers", *axes)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in _LAYER_PARAMS}
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(
+            _init("normal", rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.param_dtype), ("vocab", "embed")
+        )
+        self.blocks = Blocks(cfg, rngs=rngs)
+        self.final_norm = _param(jnp.ones((cfg.d_model,), cfg.param_dtype), ("embed",))
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(
+                _init("normal", rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.param_dtype), ("embed", "vocab")
+            )
+
+    def anchor_ids(self, anchor_mode: str | None = None) -> jax.Array:
+        """The anchor token ids for `anchor_mode` (default: the model's own); empty for "full"."""
+        mode = anchor_mode or self.cfg.anchor_mode
+        if mode == "full":
+            return jnp.zeros((0,), jnp.int32)
+        if mode not in ("ep", "ac", "ansan"):
+            raise ValueError(f"anchor_mode={mode!r} is not one of full, ep, ac, ansan")
+        if not self.cfg.anchor_ids:
+            raise ValueError(
+                f"anchor_mode={mode!r} needs anchor ids, but the model config has none; set anchor_ids "
+                "(e.g. from Tokenizer.anchor_ids) or add <AC> with checkpoints.add_anchor_token"
+            )
+        return jnp.asarray(self.cfg.anchor_ids, jnp.int32)
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        *,
+        segment_ids_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+        anchor_mode: str | None = None,
+    ) -> jax.Array:
+        """Logits float32[B, T, vocab] under the AnSAN mask of `anchor_mode` (default: the model's).
+
+        `segment_ids_BT` are packed-document ids (0 marks padding); positions restart in each document
+        unless `positions_BT` is given.
+        """
+        info = masks.token_info(tokens_BT, self.anchor_ids(anchor_mode), self.cfg.pad_id, segment_ids_BT)
+        if positions_BT is None:
+            positions_BT = positions_from_segments(segment_ids_BT, tokens_BT.shape)
+        logits, _ = self.forward(tokens_BT, positions_BT, info)
+        return logits
+
+    def forward(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        q_info: masks.TokenInfo,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        k_info: masks.TokenInfo | None = None,
+        write_start_B: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Shared forward pass. Returns (logits float32[B, T, V], updated cache or None).
+
+        Without a cache, the tokens attend to each other. With `kv_cache = (k, v)`, each [L, B, S, K, H],
+        the new keys/values are written into each row at slot `write_start_B[b]` and the queries attend
+        over the whole buffer, whose slots `k_info` describes (new slots included).
+        """
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+        cos_BTH, sin_BTH = rope_tables(cfg, positions_BT)
+        if kv_cache is None:
+            k_info = q_info
+
+        def layer(x_BTD, xs):
+            p, kv = xs
+            p = {name: w.astype(dtype) for name, w in p.items()}
+            h = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps)
+            q = apply_rope(jnp.einsum("btd,dnh->btnh", h, p["wq"]), cos_BTH, sin_BTH)
+            k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos_BTH, sin_BTH)
+            v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+            if kv is not None:
+                k = _write_rows(kv[0], k, write_start_B)
+                v = _write_rows(kv[1], v, write_start_B)
+            o = attention.attend(q, k, v, q_info, k_info, cfg.attention)
+            x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o, p["wo"])
+            h = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
+            g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
+            u = jnp.einsum("btd,df->btf", h, p["w_up"])
+            x_BTD = x_BTD + jnp.einsum("btf,fd->btd", g * u, p["w_down"])
+            return x_BTD, (None if kv is None else (k, v))
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
+        x_BTD, new_cache = jax.lax.scan(layer, x_BTD, (self.blocks.arrays(), kv_cache))
+        x_BTD = rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.rms_eps)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum(
+                "btd,dv->btv", x_BTD, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
+            )
+        return logits, new_cache
+
+
+def _write_rows(buf_BSKH: jax.Array, new_BTKH: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Write each row's new entries at its own slot offset (callers check capacity first)."""
+    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(
+        buf_BSKH, new_BTKH.astype(buf_BSKH.dtype), start_B
+    )
+
+
+def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+    """int32[B, T] positions: 0.. per row, restarting at each packed-document boundary."""
+    idx_BT = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+    if segment_ids_BT is None:
+        return idx_BT
+    starts = jnp.concatenate([jnp.ones((shape[0], 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    return idx_BT - jax.lax.cummax(jnp.where(starts, idx_BT, 0), axis=1)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32.astype(x.dtype) * scale.astype(x.dtype)
+
+
+@functools.cache
+def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim/2], with Llama-3 scaling when configured (as HF computes them)."""
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2).astype(np.float32) / np.float32(H)))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv.astype(np.float32)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32[B, T, head_dim] in the HF rotate_half layout (frequencies repeated twice)."""
+    ang = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_frequencies(cfg))
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
+    return out.astype(x_BTNH.dtype)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Llama:
+    return Llama(cfg, rngs=nnx.Rngs(params=seed))
