@@ -1,0 +1,580 @@
+"""Anchor-cache inference: jitted prefill, one-loop decode, prefix scoring, sampling, and a CLI.
+
+Every path computes the same function as one forward over the whole row under the AnSAN mask: new tokens
+carry their true absolute positions and anchor counts (`masks.TokenInfo`) and attend to the cached entries
+through `masks.allowed`; the "anchor" policy only drops entries no later query can see (kvcache.py).
+
+    cache, last_logits = prefill(model, prompts, policy="anchor")           # chunked, bucketed, jitted
+    result = generate(model, prompts, policy="anchor", max_new_tokens=32)   # prefill + one lax.while_loop
+    logprobs, greedy = score_continuations(model, cache, last_logits, continuations)
+
+CLI: python -m anllm_jax.generate --checkpoint smollm2 --prompt "..." [--cache anchor|full|none] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from anllm_jax import kvcache, masks
+from anllm_jax.kvcache import KVCache
+from anllm_jax.model import Llama, _write_rows
+
+_MIN_BUCKET = 16
+_CAPACITY_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Static sampling settings (each distinct value compiles its own decode loop).
+
+    temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. The returned log-probs are the
+    model's own (unfiltered, temperature 1) log-probabilities of the chosen tokens.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 switches it off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 switches it off)")
+
+
+@dataclasses.dataclass
+class Generation:
+    """Per-row results: generated token ids (a stop token included), their log-probs, why each row ended
+    ("stop", "length" or "cache_full"), decoded text (with a tokenizer), the final cache, statistics."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reason: list[str]
+    text: list[str] | None
+    cache: KVCache | None
+    stats: dict[str, float]
+
+
+def bucket(n: int) -> int:
+    """Padded length for n tokens: the next power of two, at least 16 (bounds the number of compilations)."""
+    return max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+def anchor_ids_of(model: Llama, anchor_mode: str | None = None) -> tuple[int, ...]:
+    """Anchor ids under `anchor_mode` (default: the model's own), as a static tuple; empty for "full"."""
+    return tuple(int(i) for i in np.asarray(model.anchor_ids(anchor_mode)))
+
+
+def _as_batch(
+    tokens: Sequence[Sequence[int]] | np.ndarray, lengths: Sequence[int] | np.ndarray | None, padding_side: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 [B, T] tokens and [B] lengths from lists of ids or a padded array."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left'")
+    if isinstance(tokens, np.ndarray | jax.Array):
+        tokens_BT = np.asarray(tokens, np.int32)
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
+        lengths_B = np.full((tokens_BT.shape[0],), tokens_BT.shape[1]) if lengths is None else np.asarray(lengths)
+    else:
+        rows = [list(r) for r in tokens]
+        lengths_B = np.asarray([len(r) for r in rows])
+        tokens_BT = np.zeros((len(rows), max(lengths_B, default=0)), np.int32)
+        for b, r in enumerate(rows):
+            tokens_BT[b, : len(r)] = r
+        padding_side = "right"
+    lengths_B = lengths_B.astype(np.int32)
+    if tokens_BT.shape[0] == 0 or lengths_B.shape != (tokens_BT.shape[0],):
+        raise ValueError(f"need one length per row: tokens {tokens_BT.shape}, lengths {lengths_B.shape}")
+    if (lengths_B < 1).any() or (lengths_B > tokens_BT.shape[1]).any():
+        raise ValueError(f"every row needs 1..{tokens_BT.shape[1]} tokens, got lengths {lengths_B.tolist()}")
+    if padding_side == "left":
+        tokens_BT = np.stack([np.roll(r, n - len(r)) for r, n in zip(tokens_BT, lengths_B, strict=True)])
+    return tokens_BT, lengths_B
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jitted steps. The model travels as (graphdef, state) so that jit sees a static graph and array leaves.
+
+
+def _extend(model: Llama, cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Append each row's first n_new_B[b] tokens to its cache; logits float32 [B, T, V] of all T slots."""
+    B, T = tokens_BT.shape
+    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid_BT = t_BT < n_new_B[:, None]
+    anchor_BT = masks.is_anchor(tokens_BT, jnp.asarray(cache.anchor_ids, jnp.int32)) & valid_BT
+    a_BT = anchor_BT.astype(jnp.int32)
+    q_info = masks.TokenInfo(
+        order=cache.next_pos[:, None] + t_BT,
+        seg=cache.n_anchors[:, None] + jnp.cumsum(a_BT, axis=1) - a_BT,
+        anchor=anchor_BT,
+        valid=valid_BT,
+        doc=jnp.zeros((B, T), jnp.int32),
+    )
+    k_info = jax.tree.map(lambda buf, new: _write_rows(buf, new, cache.length), cache.info, q_info)
+    logits_BTV, (k, v) = model.forward(tokens_BT, q_info.order, q_info, (cache.k, cache.v), k_info, cache.length)
+    cache = dataclasses.replace(
+        cache,
+        k=k,
+        v=v,
+        info=k_info,
+        length=cache.length + n_new_B,
+        n_anchors=cache.n_anchors + jnp.sum(a_BT, axis=1),
+        next_pos=cache.next_pos + n_new_B,
+    )
+    if cache.policy == "anchor":
+        cache = jax.lax.cond(jnp.any(anchor_BT), kvcache.compact, lambda c: c, cache)
+    return logits_BTV, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("cache",))
+def _extend_jit(graphdef, state, cache, tokens_BT, n_new_B, output: str):
+    logits_BTV, cache = _extend(nnx.merge(graphdef, state), cache, tokens_BT, n_new_B)
+    if output == "last":
+        last_B = jnp.maximum(n_new_B - 1, 0)
+        logits_BTV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+    return logits_BTV, cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",), static_argnums=(0,))
+def _score_jit(graphdef, state, cache, tokens_BT, n_new_B, first_logits_BV):
+    """Log-probs [B, T] of every token given everything before it, and whether it was the argmax."""
+    logits_BTV, _ = _extend(nnx.merge(graphdef, state), cache, tokens_BT, n_new_B)
+    pred_BTV = jnp.concatenate([first_logits_BV[:, None], logits_BTV[:, :-1]], axis=1)
+    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(pred_BTV, axis=-1), tokens_BT[..., None], axis=-1)[..., 0]
+    greedy_BT = jnp.argmax(pred_BTV, axis=-1) == tokens_BT
+    return logp_BT, greedy_BT
+
+
+def _masked_last_logits(model: Llama, buf_BW: jax.Array, len_B: jax.Array, anchor_ids: tuple[int, ...]):
+    """One masked forward over each row's first len_B[b] tokens; logits of each row's last token [B, V]."""
+    B, W = buf_BW.shape
+    in_row_BW = (jnp.arange(W)[None, :] < len_B[:, None]).astype(jnp.int32)
+    info = masks.token_info(buf_BW, jnp.asarray(anchor_ids, jnp.int32), None, in_row_BW)
+    positions_BW = jnp.broadcast_to(jnp.arange(W, dtype=jnp.int32), (B, W))
+    logits_BWV, _ = model.forward(buf_BW, positions_BW, info)
+    return jnp.take_along_axis(logits_BWV, (len_B - 1)[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids):
+    return _masked_last_logits(nnx.merge(graphdef, state), buf_BW, len_B, anchor_ids)
+
+
+def _sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
+    """Next tokens [B] and their log-probs under the unfiltered model distribution."""
+    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    if s.temperature == 0.0:
+        tok_B = jnp.argmax(logits_BV, axis=-1)
+    else:
+        x_BV = logits_BV / s.temperature
+        if s.top_k > 0:
+            kth_B1 = jax.lax.top_k(x_BV, min(s.top_k, x_BV.shape[-1]))[0][:, -1:]
+            x_BV = jnp.where(x_BV < kth_B1, -jnp.inf, x_BV)
+        if s.top_p < 1.0:
+            desc_BV = -jnp.sort(-x_BV, axis=-1)
+            p_BV = jax.nn.softmax(desc_BV, axis=-1)
+            # Keep the smallest prefix of the sorted tokens whose mass reaches top_p (at least one token).
+            n_keep_B = jnp.sum(jnp.cumsum(p_BV, axis=-1) - p_BV < s.top_p, axis=-1)
+            cut_B1 = jnp.take_along_axis(desc_BV, (n_keep_B - 1)[:, None], axis=-1)
+            x_BV = jnp.where(x_BV < cut_B1, -jnp.inf, x_BV)
+        tok_B = jax.random.categorical(key, x_BV, axis=-1)
+    tok_B = tok_B.astype(jnp.int32)
+    return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+
+
+def _decode_loop(step: Callable, room: Callable, carry, last_logits_BV: jax.Array, key: jax.Array, s: Sampling):
+    """Sample max_new_tokens tokens per row in one while_loop.
+
+    step(carry, tok_B, active_B) -> (logits_BV, carry) feeds each active row its latest token; room(carry)
+    -> bool[B] says whether a row can take one more entry. A row that runs out of room stops ("cache_full").
+    """
+    B, N = last_logits_BV.shape[0], s.max_new_tokens
+    stop_ids = jnp.asarray(s.stop_ids, jnp.int32)
+    is_stop = lambda t_B: jnp.any(t_B[:, None] == stop_ids, axis=-1)
+    tok_B, lp_B = _sample(last_logits_BV, jax.random.fold_in(key, 0), s)
+    out_tok_BN = jnp.full((B, N), -1, jnp.int32).at[:, 0].set(tok_B)
+    out_lp_BN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)
+    init = (jnp.int32(0), carry, tok_B, is_stop(tok_B), jnp.zeros((B,), bool), out_tok_BN, out_lp_BN)
+
+    def cond(st):
+        i, _, _, done_B, *_ = st
+        return (i + 1 < N) & ~jnp.all(done_B)
+
+    def body(st):
+        i, carry, tok_B, done_B, full_B, out_tok_BN, out_lp_BN = st
+        no_room_B = ~done_B & ~room(carry)
+        full_B, done_B = full_B | no_room_B, done_B | no_room_B
+        active_B = ~done_B
+        logits_BV, carry = step(carry, tok_B, active_B)
+        new_B, lp_B = _sample(logits_BV, jax.random.fold_in(key, i + 1), s)
+        out_tok_BN = out_tok_BN.at[:, i + 1].set(jnp.where(active_B, new_B, -1))
+        out_lp_BN = out_lp_BN.at[:, i + 1].set(jnp.where(active_B, lp_B, 0.0))
+        done_B = done_B | (active_B & is_stop(new_B))
+        return i + 1, carry, jnp.where(active_B, new_B, tok_B), done_B, full_B, out_tok_BN, out_lp_BN
+
+    _, carry, _, _, full_B, out_tok_BN, out_lp_BN = jax.lax.while_loop(cond, body, init)
+    return carry, out_tok_BN, out_lp_BN, full_B
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("cache",))
+def _decode_cached_jit(graphdef, state, cache, last_logits_BV, key, s: Sampling):
+    model = nnx.merge(graphdef, state)
+
+    def step(cache, tok_B, active_B):
+        logits_B1V, cache = _extend(model, cache, tok_B[:, None], active_B.astype(jnp.int32))
+        return logits_B1V[:, 0], cache
+
+    # Every step writes one slot per row (inactive rows an empty one), so a row keeps its last slot free.
+    room = lambda c: c.length < c.capacity - 1
+    return _decode_loop(step, room, cache, last_logits_BV, key, s)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s: Sampling, anchor_ids):
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, tok_B, active_B):
+        buf_BW, len_B = carry
+        row_B = jnp.arange(buf_BW.shape[0])
+        buf_BW = buf_BW.at[row_B, len_B].set(jnp.where(active_B, tok_B, buf_BW[row_B, len_B]))
+        len_B = len_B + active_B.astype(jnp.int32)
+        return _masked_last_logits(model, buf_BW, len_B, anchor_ids), (buf_BW, len_B)
+
+    room = lambda c: c[1] < c[0].shape[1]
+    return _decode_loop(step, room, (buf_BW, len_B), last_logits_BV, key, s)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def prefill_capacity(
+    tokens_BT: np.ndarray, lengths_B: np.ndarray, anchor_ids: tuple[int, ...], policy: str, chunk: int
+) -> int:
+    """KV slots per row that a prefill in chunks of `chunk` tokens needs (each chunk writes `chunk` slots)."""
+    need = 0
+    for row, n in zip(tokens_BT, lengths_B, strict=True):
+        for start in range(0, tokens_BT.shape[1], chunk):
+            need = max(need, kvcache.kept_after(row[: min(start, n)], anchor_ids, policy) + chunk)
+    return need
+
+
+def prefill(
+    model: Llama,
+    tokens: Sequence[Sequence[int]] | np.ndarray,
+    lengths: Sequence[int] | np.ndarray | None = None,
+    policy: str = "anchor",
+    capacity: int | None = None,
+    *,
+    chunk_size: int | None = None,
+    padding_side: str = "right",
+    anchor_mode: str | None = None,
+    reserve: int = 0,
+) -> tuple[KVCache, jax.Array]:
+    """Run prompts through a fresh cache. Returns (cache, float32 [B, V] logits of each row's last token).
+
+    tokens: lists of ids, or a padded [B, T] array with `lengths` (padding on `padding_side`). Prompts are
+    padded to a power-of-two bucket, or cut into chunks of `chunk_size` tokens (exact: each chunk attends to
+    the cache left by the previous ones). capacity: slots per row (default: what the prompts need plus
+    `reserve`, rounded up to a multiple of 16); too small a capacity is an error, never a silent overwrite.
+    """
+    anchor_ids = anchor_ids_of(model, anchor_mode)
+    kvcache.check_policy(policy, anchor_ids)
+    if policy == "none":
+        raise ValueError("cache policy 'none' keeps no cache to prefill; use generate(..., policy='none')")
+    tokens_BT, lengths_B = _as_batch(tokens, lengths, padding_side)
+    longest = int(lengths_B.max())
+    chunk = bucket(longest) if chunk_size is None else min(chunk_size, bucket(longest))
+    if chunk < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be at least 1")
+    width = _round_up(longest, chunk)
+    tokens_BT = np.pad(tokens_BT[:, :width], ((0, 0), (0, width - min(width, tokens_BT.shape[1]))))
+    need = prefill_capacity(tokens_BT, lengths_B, anchor_ids, policy, chunk)
+    need = max(need, max(kvcache.kept_after(r[:n], anchor_ids, policy) for r, n in zip(tokens_BT, lengths_B)) + reserve)
+    if capacity is None:
+        capacity = _round_up(need, _CAPACITY_MULTIPLE)
+    elif capacity < need:
+        raise ValueError(
+            f"capacity={capacity} KV slots per row is too small: these prompts need {need} "
+            f"(chunk {chunk}, policy {policy!r}); pass capacity>={need} or a smaller chunk_size"
+        )
+    cache = kvcache.init(model.cfg, len(lengths_B), capacity, policy, anchor_ids)
+    graphdef, state = nnx.split(model)
+    last_BV = None
+    for start in range(0, width, chunk):
+        n_new_B = np.clip(lengths_B - start, 0, chunk).astype(np.int32)
+        logits_BV, cache = _extend_jit(
+            graphdef, state, cache, jnp.asarray(tokens_BT[:, start : start + chunk]), jnp.asarray(n_new_B), "last"
+        )
+        last_BV = logits_BV if last_BV is None else jnp.where(jnp.asarray(n_new_B > 0)[:, None], logits_BV, last_BV)
+    return cache, last_BV
+
+
+def extend(
+    model: Llama, cache: KVCache, tokens: np.ndarray | jax.Array, lengths: Sequence[int] | np.ndarray | None = None
+) -> tuple[jax.Array, KVCache]:
+    """Append right-padded tokens [B, T] (row b: its first lengths[b]) to `cache` (donated: use the returned one).
+
+    Returns float32 logits [B, T, V] (slots past a row's length are meaningless) and the new cache.
+    """
+    tokens_BT = jnp.asarray(tokens, jnp.int32)
+    B, T = tokens_BT.shape
+    n_new_B = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    longest = int(np.max(jax.device_get(cache.length)))
+    if longest + T > cache.capacity:
+        raise ValueError(
+            f"cache overflow: a row holds {longest} entries and {T} more slots are written, but capacity is "
+            f"{cache.capacity}; grow it with kvcache.resize(cache, {longest + T}) first"
+        )
+    graphdef, state = nnx.split(model)
+    return _extend_jit(graphdef, state, cache, tokens_BT, jnp.asarray(n_new_B), "all")
+
+
+def score_continuations(
+    model: Llama,
+    prefix_cache: KVCache,
+    prefix_logits: jax.Array,
+    continuations: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Log-probs of each continuation's tokens after a shared prefix, exactly as the masked forward over
+    prefix + continuation gives them.
+
+    prefix_cache, prefix_logits: one row, from `prefill(model, [prefix_ids], policy=...)` (not modified).
+    Returns, per continuation, float32 log p(c[t] | prefix, c[:t]) and whether c[t] was the argmax.
+    """
+    if prefix_cache.batch != 1:
+        raise ValueError(f"the prefix cache must hold one row, got {prefix_cache.batch}; prefill the prefix alone")
+    rows = [list(c) for c in continuations]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("every continuation needs at least one token")
+    graphdef, state = nnx.split(model)
+    first_BV = jnp.broadcast_to(jnp.reshape(prefix_logits, (1, -1)), (min(batch_size, len(rows)), -1))
+    prefix_len = int(jax.device_get(prefix_cache.length)[0])
+    logprobs, greedy = [], []
+    for lo in range(0, len(rows), batch_size):
+        part = rows[lo : lo + batch_size]
+        B = first_BV.shape[0]
+        tokens_BT, lengths_B = _as_batch(part, None, "right")
+        T = bucket(tokens_BT.shape[1])
+        tokens_BT = np.pad(tokens_BT, ((0, B - len(part)), (0, T - tokens_BT.shape[1])))
+        lengths_B = np.pad(lengths_B, (0, B - len(part)))
+        cache = kvcache.tile(kvcache.resize(prefix_cache, _round_up(prefix_len + T, _CAPACITY_MULTIPLE)), B)
+        lp_BT, g_BT = jax.device_get(
+            _score_jit(graphdef, state, cache, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), first_BV)
+        )
+        logprobs += [lp_BT[b, :n] for b, n in enumerate(lengths_B[: len(part)])]
+        greedy += [g_BT[b, :n] for b, n in enumerate(lengths_B[: len(part)])]
+    return logprobs, greedy
+
+
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]] | np.ndarray,
+    lengths: Sequence[int] | np.ndarray | None = None,
+    *,
+    policy: str = "anchor",
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    capacity: int | None = None,
+    chunk_size: int | None = None,
+    padding_side: str = "right",
+    anchor_mode: str | None = None,
+    on_overflow: str = "error",
+) -> Generation:
+    """Generate for a batch of prompts with the "anchor", "full" or "none" (recompute) cache policy.
+
+    Decoding is one jitted while_loop with the cache donated; a row that generates an anchor compacts its
+    cache (policy "anchor"). Rows stop at a stop id, after max_new_tokens, or when their cache is full:
+    on_overflow="error" raises then, "stop" returns the row with finish_reason "cache_full". Stop strings
+    need a tokenizer: one-token stop strings stop decoding, longer ones cut the text afterwards.
+    """
+    if on_overflow not in ("error", "stop"):
+        raise ValueError(f"on_overflow={on_overflow!r} must be 'error' or 'stop'")
+    stop_ids = list(stop_ids)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the text; pass tokenizer=")
+    for s in stop_strings:
+        ids = tokenizer.encode(s)
+        if len(ids) == 1:
+            stop_ids.append(ids[0])
+    sampling = Sampling(max_new_tokens, float(temperature), int(top_k), float(top_p), tuple(sorted(set(stop_ids))))
+    anchor_ids = anchor_ids_of(model, anchor_mode)
+    kvcache.check_policy(policy, anchor_ids)
+    key = jax.random.key(seed)
+    graphdef, state = nnx.split(model)
+    t0 = time.perf_counter()
+    if policy == "none":
+        tokens_BT, lengths_B = _as_batch(prompts, lengths, padding_side)
+        W = capacity or _round_up(int(lengths_B.max()) + max_new_tokens, _MIN_BUCKET)
+        if W < int(lengths_B.max()) + 1:
+            raise ValueError(f"capacity={W} cannot hold the prompts ({int(lengths_B.max())} tokens) plus one more")
+        buf_BW = jnp.asarray(np.pad(tokens_BT[:, :W], ((0, 0), (0, max(0, W - tokens_BT.shape[1])))))
+        len_B = jnp.asarray(lengths_B)
+        last_BV = jax.block_until_ready(_recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids))
+        t1 = time.perf_counter()
+        cache = None
+        out = _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_BV, key, sampling, anchor_ids)
+        out_tok_BN, out_lp_BN, full_B = jax.device_get(out[1:])
+    else:
+        cache, last_BV = prefill(
+            model,
+            prompts,
+            lengths,
+            policy,
+            capacity,
+            chunk_size=chunk_size,
+            padding_side=padding_side,
+            anchor_mode=anchor_mode,
+            reserve=max_new_tokens + 1 if capacity is None else 0,
+        )
+        jax.block_until_ready(last_BV)
+        t1 = time.perf_counter()
+        cache, out_tok_BN, out_lp_BN, full_B = _decode_cached_jit(graphdef, state, cache, last_BV, key, sampling)
+        out_tok_BN, out_lp_BN, full_B = jax.device_get((out_tok_BN, out_lp_BN, full_B))
+    t2 = time.perf_counter()
+    if on_overflow == "error" and full_B.any():
+        rows = np.nonzero(full_B)[0].tolist()
+        raise ValueError(
+            f"KV cache overflow in rows {rows}: capacity {capacity} slots is too small for this generation; "
+            "pass a larger capacity, fewer max_new_tokens, or on_overflow='stop'"
+        )
+    tokens, logprobs, reasons = [], [], []
+    for b in range(out_tok_BN.shape[0]):
+        n = int(np.sum(out_tok_BN[b] >= 0))
+        tokens.append(out_tok_BN[b, :n].tolist())
+        logprobs.append(out_lp_BN[b, :n].tolist())
+        stopped = n > 0 and tokens[-1][-1] in sampling.stop_ids
+        reasons.append("cache_full" if full_B[b] else "stop" if stopped else "length")
+    text = None
+    if tokenizer is not None:
+        text = []
+        for b, ids in enumerate(tokens):
+            t = tokenizer.decode([i for i in ids if i not in sampling.stop_ids])
+            cuts = [t.index(s) for s in stop_strings if s in t]
+            if cuts:
+                t, reasons[b] = t[: min(cuts)], "stop"
+            text.append(t)
+    n_gen = sum(len(t) for t in tokens)
+    stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": n_gen}
+    if cache is not None:
+        stats |= cache.stats()
+    return Generation(tokens, logprobs, reasons, text, cache, stats)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _load(checkpoint: str):
+    from anllm_jax import checkpoints
+
+    path = checkpoints.smollm2_gguf_path() if checkpoint == "smollm2" else checkpoint
+    return checkpoints.load(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m anllm_jax.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="smollm2", help="HF dir, GGUF file, native dir, or 'smollm2' (packaged)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--cache", choices=kvcache.POLICIES, default=None, help="default: anchor if the model has anchors")
+    p.add_argument("--anchor-mode", choices=("ep", "ac", "full"), default=None, help="default: the model's own")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default: one chunk)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    model, tokenizer = _load(args.checkpoint)
+    if args.anchor_mode in ("ep", "ac") and args.anchor_mode != model.cfg.anchor_mode:
+        from anllm_jax import checkpoints
+
+        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
+    anchor_mode = args.anchor_mode or model.cfg.anchor_mode
+    policy = args.cache or ("anchor" if anchor_mode != "full" else "full")
+    prompt = tokenizer.encode(args.prompt, add_bos=args.add_bos)
+    stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    gen = generate(
+        model,
+        [prompt],
+        policy=policy,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_ids=stop_ids,
+        stop_strings=args.stop,
+        tokenizer=tokenizer,
+        chunk_size=args.chunk_size,
+        anchor_mode=anchor_mode,
+    )
+    # Entries of the tokens fed to the model: the prompt and every generated token but the last.
+    full_entries = len(prompt) + len(gen.tokens[0]) - 1
+    per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
+    entries = int(gen.stats.get("cache_entries", 0))
+    out = {
+        "text": gen.text[0],
+        "tokens": gen.tokens[0],
+        "logprobs": gen.logprobs[0],
+        "finish_reason": gen.finish_reason[0],
+        "cache": policy,
+        "anchor_mode": anchor_mode,
+        "prompt_tokens": len(prompt),
+        "cache_entries": entries,
+        "full_cache_entries": full_entries,
+        "cache_bytes": entries * per,
+        "full_cache_bytes": full_entries * per,
+        "reduction": 1.0 - entries / full_entries,
+        "prefill_s": gen.stats["prefill_s"],
+        "decode_s": gen.stats["decode_s"],
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(out["text"])
+        print(
+            f"\n[cache {policy}, anchor mode {anchor_mode}] entries kept {entries} of {full_entries} "
+            f"({out['cache_bytes']:,} of {out['full_cache_bytes']:,} bytes, reduction {out['reduction']:.1%}); "
+            f"prefill {out['prefill_s']:.2f}s, decode {out['decode_s']:.2f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
