@@ -1,0 +1,372 @@
+"""Training data: corpus preparation, anchor-aware tokenization, sharded and resumable grain loading.
+
+API used by the trainer:
+
+    cfg = DataConfig(path="data/corpus", anchor_mode="ac", seq_len=4096, packing=False, shuffle_seed=0)
+    it = make_iterator(cfg, tokenizer, global_batch_size, jax.process_index(), jax.process_count())
+    batch = next(it)             # process-local numpy: {"tokens": int32[b, T], "segment_ids": int32[b, T]}
+    arrays = to_global(batch, sharding)   # global jax.Arrays, b * process_count rows
+    state = it.get_state()       # JSON-serialisable dict; save one per process in every checkpoint
+    it.set_state(state)          # a fresh iterator continues with exactly the same batches
+
+- `b = global_batch_size // process_count`. Each process reads only documents `process_index::process_count`.
+- `segment_ids`: 1 for the tokens of a one-document row, 1..n for the documents of a packed row, 0 for padding.
+  Padding positions hold `tokenizer.pad_id` (0 if it has none); segment_ids == 0 is what marks them.
+  Targets are the next token, shifted by the trainer, which also drops targets across segment boundaries.
+- Rows start with BOS when the tokenizer has one. In anchor_mode "ac" the `<AC>` id follows the last token of
+  every sentence (`anllm_jax.sentences`); in "ep" and "full" the text is tokenized as is.
+- Shuffling is seeded and differs per epoch; the stream repeats over epochs (`num_epochs=None`) or stops after
+  `num_epochs`, the last batch then filled with padding rows. Tokenization runs on the fly inside grain, so the
+  iterator state is just a few positions and resuming is instant.
+
+`python -m anllm_jax.data prepare [--source registry|PATH ...] [--output DIR] [--val-fraction F]` writes the raw
+documents as a tfds dataset (array_record) under DIR; see `anllm_jax.corpus.sources` for the accepted files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from anllm_jax.config import ANCHOR_MODES
+from anllm_jax.corpus import REGISTRY, AnllmCorpus, iter_documents
+from anllm_jax.sentences import sentence_spans
+
+DATASET_NAME = "anllm_corpus"
+PREPARE_RECORD = "prepare.json"
+
+
+class TextTokenizer(Protocol):
+    """The part of `anllm_jax.tokenizer.Tokenizer` the data pipeline uses."""
+
+    bos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+
+    def anchor_ids(self, mode: str, ep_strings: tuple[str, ...] = (".",)) -> tuple[int, ...]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to cut it into rows.
+
+    path: a prepared corpus (the `--output` folder of `prepare`, or the dataset folder inside it).
+    split: "train" or "validation".
+    anchor_mode: "ac" inserts `<AC>` after every sentence; "ep" and "full" keep the raw text.
+    seq_len: tokens per row.
+    packing: False = one document per row, right-truncated and padded (the AnLLM recipe);
+        True = documents concatenated and cut into full rows, each piece its own segment.
+    shuffle / shuffle_seed: seeded document shuffle, a different permutation every epoch.
+    num_epochs: None repeats forever.
+    read_threads: threads that tokenize ahead of the consumer.
+    """
+
+    path: str = "data/corpus"
+    split: str = "train"
+    anchor_mode: str = "ac"
+    seq_len: int = 4096
+    packing: bool = False
+    shuffle: bool = True
+    shuffle_seed: int = 0
+    num_epochs: int | None = None
+    read_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.anchor_mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor_mode={self.anchor_mode!r} is not one of {', '.join(ANCHOR_MODES)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be at least 2 (a token and its next-token target)")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"num_epochs={self.num_epochs} must be a positive number of epochs or None (forever)")
+        if not 0 <= self.shuffle_seed < 2**32:
+            raise ValueError(f"shuffle_seed={self.shuffle_seed} must be in [0, 2**32)")
+        if self.read_threads < 1:
+            raise ValueError(f"read_threads={self.read_threads} must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Corpus preparation
+
+
+def _split_validation(keys: Sequence[str], val_fraction: float) -> frozenset[str]:
+    """A fixed-seed random share of whole documents (at least one, at most all but one)."""
+    if val_fraction <= 0 or len(keys) < 2:
+        return frozenset()
+    n_val = min(max(round(len(keys) * val_fraction), 1), len(keys) - 1)
+    chosen = np.random.default_rng(0).choice(len(keys), size=n_val, replace=False)
+    return frozenset(keys[i] for i in chosen)
+
+
+def scan_sources(sources: Sequence[str], max_docs: int | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Read every source once: the keys of the non-empty documents and counts. Raises on unusable input."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    per_source: dict[str, dict[str, int]] = {}
+    empty = 0
+    for source in sources:
+        for doc in iter_documents(source, max_docs):
+            if not doc.text.strip():
+                empty += 1
+                continue
+            if doc.key in seen:
+                raise ValueError(f"two documents are named {doc.key!r}; give the corpus folders different names")
+            seen.add(doc.key)
+            keys.append(doc.key)
+            counts = per_source.setdefault(doc.source if source == REGISTRY else source, dict(documents=0, words=0))
+            counts["documents"] += 1
+            counts["words"] += len(doc.text.split())
+    if not keys:
+        raise ValueError(f"all {empty} documents in {', '.join(sources)} are empty; nothing to train on")
+    stats = {
+        "documents": len(keys),
+        "words": sum(c["words"] for c in per_source.values()),
+        "empty_skipped": empty,
+        "sources": per_source,
+    }
+    return keys, stats
+
+
+def prepare(
+    sources: Sequence[str] = (REGISTRY,),
+    output: str = "data/corpus",
+    val_fraction: float = 0.01,
+    max_docs: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build the raw-document tfds dataset under `output`; returns the dataset folder.
+
+    An existing dataset built from the same arguments is reused; a different one needs `overwrite=True`.
+    """
+    if not sources:
+        raise ValueError(f"no corpus source given; pass '{REGISTRY}' or folders of .txt/.jsonl files")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    spec = {
+        "sources": [s if s == REGISTRY else str(Path(s).expanduser().resolve()) for s in sources],
+        "val_fraction": val_fraction,
+        "max_docs": max_docs,
+    }
+    out = Path(output)
+    record_path = out / PREPARE_RECORD
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record["spec"] == spec and Path(record["dataset_dir"]).exists():
+            return Path(record["dataset_dir"])
+        if not overwrite:
+            raise ValueError(f"{out} holds a corpus prepared from {record['spec']}; pass --overwrite to replace it")
+    keys, stats = scan_sources(spec["sources"], max_docs)
+    validation_keys = _split_validation(keys, val_fraction)
+    if (out / DATASET_NAME).exists():
+        shutil.rmtree(out / DATASET_NAME)
+    builder = AnllmCorpus(
+        sources=spec["sources"], validation_keys=validation_keys, max_docs=max_docs, data_dir=str(out)
+    )
+    builder.download_and_prepare()
+    stats["splits"] = {name: info.num_examples for name, info in builder.info.splits.items()}
+    record = {"spec": spec, "dataset_dir": str(Path(builder.data_dir).resolve()), "stats": stats}
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(record_path)
+    return Path(builder.data_dir)
+
+
+def dataset_dir(path: str | Path) -> Path:
+    """The tfds dataset folder of a prepared corpus, given it or the `prepare --output` folder above it."""
+    p = Path(path).expanduser()
+    if (p / "dataset_info.json").exists():
+        return p
+    versions = sorted((p / DATASET_NAME).glob("*/dataset_info.json"), key=lambda f: tfds.core.Version(f.parent.name))
+    if not versions:
+        raise FileNotFoundError(f"no prepared corpus at {p}; run `python -m anllm_jax.data prepare --output {p}` first")
+    return versions[-1].parent
+
+
+def open_split(path: str | Path, split: str) -> Any:
+    """Random-access source of the raw records ({"text": bytes, "source": bytes}) of one split."""
+    builder = tfds.builder_from_directory(str(dataset_dir(path)))
+    if split not in builder.info.splits:
+        raise ValueError(f"split {split!r} is not in {path}; it has {', '.join(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _ac_id(tokenizer: TextTokenizer) -> int:
+    ids = tokenizer.anchor_ids("ac")
+    if len(ids) != 1:
+        raise ValueError(
+            "anchor_mode='ac' needs a tokenizer with exactly one <AC> token; add it with checkpoints.add_anchor_token"
+        )
+    return int(ids[0])
+
+
+def _encode_continuation(tokenizer: TextTokenizer, chunk: str, prefix_ids: list[int]) -> list[int]:
+    """Token ids of `chunk` as they come out when it follows a sentence end.
+
+    Encoding the chunk after a "." and dropping the "." ids keeps the tokenizer's in-context treatment of the
+    leading whitespace (sentencepiece would otherwise add its dummy-prefix space).
+    """
+    ids = tokenizer.encode("." + chunk)
+    if ids[: len(prefix_ids)] == prefix_ids:
+        return ids[len(prefix_ids) :]
+    return tokenizer.encode(chunk)
+
+
+def encode_document(text: str, tokenizer: TextTokenizer, anchor_mode: str, add_bos: bool = True) -> list[int]:
+    """Token ids of one document: BOS (if the tokenizer has one), then the text; in "ac" mode the `<AC>` id after
+    the last token of every sentence (the whitespace between sentences goes with the next sentence)."""
+    ids = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    if anchor_mode != "ac":
+        return ids + tokenizer.encode(text.strip())
+    ac = _ac_id(tokenizer)
+    prefix_ids = tokenizer.encode(".")
+    prev_end = None
+    for start, end in sentence_spans(text):
+        if prev_end is None:
+            ids += tokenizer.encode(text[start:end])
+        else:
+            ids += _encode_continuation(tokenizer, text[prev_end:end], prefix_ids)
+        ids.append(ac)
+        prev_end = end
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _pad_value(tokenizer: TextTokenizer) -> int:
+    return 0 if tokenizer.pad_id is None else int(tokenizer.pad_id)
+
+
+def _one_document_row(ids: list[int], seq_len: int, pad: int) -> dict[str, np.ndarray]:
+    n = min(len(ids), seq_len)
+    tokens = np.full(seq_len, pad, np.int32)
+    tokens[:n] = ids[:n]
+    segment_ids = np.zeros(seq_len, np.int32)
+    segment_ids[:n] = 1
+    return {"tokens": tokens, "segment_ids": segment_ids}
+
+
+def _packed_row(element: dict[str, np.ndarray], pad: int) -> dict[str, np.ndarray]:
+    segment_ids = element["tokens_segment_ids"].astype(np.int32)
+    tokens = np.where(segment_ids == 0, pad, element["tokens"]).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": segment_ids}
+
+
+def _fill_batch(batch: dict[str, np.ndarray], rows: int, pad: int) -> dict[str, np.ndarray]:
+    """Pads the last, short batch of a finite stream with empty rows so that every batch has the same shape."""
+    missing = rows - batch["tokens"].shape[0]
+    if missing == 0:
+        return batch
+    return {
+        "tokens": np.pad(batch["tokens"], ((0, missing), (0, 0)), constant_values=pad),
+        "segment_ids": np.pad(batch["segment_ids"], ((0, missing), (0, 0))),
+    }
+
+
+def make_iterator(
+    cfg: DataConfig,
+    tokenizer: TextTokenizer,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """Iterator over this process's batches {"tokens", "segment_ids"} (int32 [global_batch_size // count, T]).
+
+    The iterator has `get_state()` / `set_state(state)`; the state is a JSON-serialisable dict.
+    Process index and count default to `jax.process_index()` / `jax.process_count()`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}"
+        )
+    local_batch = global_batch_size // process_count
+    if cfg.anchor_mode == "ac":
+        _ac_id(tokenizer)  # fail now rather than inside a reader thread
+    pad = _pad_value(tokenizer)
+
+    source = open_split(cfg.path, cfg.split)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(
+            f"split {cfg.split!r} of {cfg.path} has {len(source)} documents, fewer than process_count={process_count}"
+        )
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.shuffle_seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(lambda r: encode_document(r["text"].decode("utf-8"), tokenizer, cfg.anchor_mode))
+    if cfg.packing:
+        ds = ds.map(lambda ids: {"tokens": np.asarray(ids, np.int32)})
+    else:
+        ds = ds.map(lambda ids: _one_document_row(ids, cfg.seq_len, pad))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * local_batch))
+    if cfg.packing:
+        it_ds = grain.experimental.ConcatThenSplitIterDataset(it_ds, length_struct={"tokens": cfg.seq_len})
+        it_ds = it_ds.map(lambda e: _packed_row(e, pad))
+    it_ds = it_ds.batch(local_batch, drop_remainder=False)
+    if cfg.num_epochs is not None:
+        it_ds = it_ds.map(lambda b: _fill_batch(b, local_batch, pad))
+    return iter(it_ds)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Global jax.Arrays from every process's local batch; `sharding` splits the batch axis over processes."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m anllm_jax.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="build the raw-document tfds dataset (array_record)")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        default=[REGISTRY],
+        help=f"'{REGISTRY}' (Wikipedia leads + King James Bible from installed packages) or .txt/.jsonl folders/files",
+    )
+    p.add_argument("--output", default="data/corpus", help="folder to write the dataset to (default: data/corpus)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    p.add_argument("--max-docs", type=int, default=None, help="keep only the first N documents of each source")
+    p.add_argument("--overwrite", action="store_true", help="replace a corpus prepared with other arguments")
+    args = parser.parse_args(argv)
+    try:
+        path = prepare(args.source, args.output, args.val_fraction, args.max_docs, args.overwrite)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stats = json.loads((Path(args.output) / PREPARE_RECORD).read_text())["stats"]
+    print(f"prepared {path}")
+    print(
+        f"documents {stats['documents']:,} ({', '.join(f'{k} {v:,}' for k, v in stats['splits'].items())}), "
+        f"words {stats['words']:,}, empty documents skipped {stats['empty_skipped']:,}"
+    )
+    for name, counts in stats["sources"].items():
+        print(f"  {name}: {counts['documents']:,} documents, {counts['words']:,} words")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
