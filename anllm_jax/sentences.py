@@ -8,11 +8,11 @@ AnLLM-AC puts an anchor token after every sentence, so the splitter decides wher
   '"Why?" she asked').
 - A full stop right after a title or other non-final abbreviation ("Dr.", "Mr.", "St.", "e.g.", "i.e.", "cf.",
   "vs.") does not end a sentence.
-- Abbreviations usually followed by a number ("No. 5", "Fig. 3", "Jan. 12", "p. 7") do not end a sentence before
-  a digit.
-- Dotted acronyms ("U.S.", "Ph.D.", "a.m."), single-letter initials ("Arthur C. Clarke", "J. R. R. Tolkien")
-  and "et al." end a sentence only before a common sentence opener ("... in the U.S. The ...") and not before
-  other capitalised words ("U.S. Army").
+- Abbreviations usually followed by a number ("No. 5", "Fig. 3", "Jan. 12", "p. 7", "c. 800") do not end a
+  sentence before a digit.
+- Dotted acronyms ("U.S.", "Ph.D.", "a.m."), single-letter initials ("Arthur C. Clarke", "J. R. R. Tolkien"),
+  name suffixes ("Jr.", "Inc.", "Bros.") and "et al." end a sentence only before a common sentence opener
+  ("... in the U.S. The ...") and not before other capitalised words ("U.S. Army") or numbers.
 - Decimals ("3.14"), URLs and other full stops without following whitespace never split.
 - A blank line always ends a sentence (paragraphs and headings), even without punctuation.
 - Whatever follows the last terminator (a trailing fragment) is a sentence of its own.
@@ -27,12 +27,12 @@ import re
 _NON_FINAL = frozenset({
     "mr", "mrs", "ms", "mx", "dr", "prof", "rev", "hon", "st", "mt", "ft", "gen", "col", "lt", "capt", "sgt", "maj",
     "adm", "cmdr", "brig", "gov", "sen", "rep", "pres", "supt", "insp", "messrs", "mme", "mlle", "rt", "fr", "br",
-    "e.g", "i.e", "cf", "vs", "viz", "approx", "ca",
+    "e.g", "i.e", "cf", "vs", "viz", "approx", "ca", "c",
 })
-# Abbreviations that may end a sentence: they break before a capitalised word.
-_MAY_END = frozenset({
-    "etc", "jr", "sr", "inc", "ltd", "co", "corp", "bros", "llc", "plc", "esq",
-})
+# Abbreviations that often end a sentence: they break before a capitalised word.
+_MAY_END = frozenset({"etc", "esq"})
+# Name suffixes that end a sentence only before a sentence opener ("Warner Bros. Entertainment" goes on).
+_SUFFIXES = frozenset({"jr", "sr", "inc", "ltd", "co", "corp", "bros", "llc", "plc", "al"})
 # Abbreviations that are followed by a number when they do not end the sentence.
 _BEFORE_NUMBER = frozenset({
     "no", "nos", "art", "vol", "vols", "p", "pp", "fig", "figs", "eq", "eqs", "ch", "sec", "ser", "op", "nr", "ed",
@@ -76,16 +76,16 @@ def _ends_sentence(word: str, term: str, next_word: str) -> bool:
         return False
     if term != ".":
         return True  # "?", "!", "...", "…", "?!" before a capitalised word or a number
-    bare = word.lstrip(_OPEN).lower()
+    stripped = word.lstrip(_OPEN)
+    bare = stripped.lower()
+    is_initial = len(stripped) == 1 and stripped.isupper() and stripped != "I"
+    opener_only = is_initial or bare in _SUFFIXES or _DOTTED_ACRONYM.fullmatch(stripped) is not None
     if starts_digit:
-        return bare not in _BEFORE_NUMBER
+        # "No. 5", "c. 800", "U.S. 500", "Jr. (1995)" go on; "... in 1990. 2001 ..." ends.
+        return not (opener_only or bare in _BEFORE_NUMBER or bare in _NON_FINAL or bare in _MAY_END)
     if bare in _NON_FINAL:
         return False
-    if bare in _MAY_END or bare in _BEFORE_NUMBER:
-        return True
-    stripped = word.lstrip(_OPEN)
-    is_initial = len(stripped) == 1 and stripped.isupper() and stripped != "I"
-    if is_initial or bare == "al" or _DOTTED_ACRONYM.fullmatch(stripped):
+    if opener_only:
         # "Arthur C. Clarke", "et al. Smith", "U.S. Army" go on; "... in the U.S. The ..." ends.
         return next_word.rstrip(",;:").lower() in _OPENERS
     return True
