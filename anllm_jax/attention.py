@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from anllm_jax import masks
+from anllm_jax import anchor_attention, masks
 
 # Finite, so a fully masked row (padding) softmaxes to a uniform row instead of NaN.
 _MASKED = -1e30
@@ -29,7 +29,12 @@ def attend(
         return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
     if impl == "cudnn":
         return _cudnn(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
-    raise ValueError(f"unknown attention impl {impl!r}; choose xla or cudnn")
+    if impl == "anchor":
+        # The sparse path serves self-attention; queries against a KV cache take the dense path.
+        if q_info is k_info and q_BTNH.shape[1] == k_BSKH.shape[1]:
+            return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info)
+        return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+    raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn or anchor")
 
 
 def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:

@@ -7,7 +7,7 @@ import difflib
 from typing import Any
 
 ANCHOR_MODES = ("full", "ep", "ac")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "anchor")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 

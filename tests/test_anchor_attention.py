@@ -1,0 +1,258 @@
+"""The sparse AnSAN attention against the dense reference (`attention._xla` under `masks.allowed`).
+
+Every layout goes through one compiled function per dtype (the layout is data), and each case asserts which
+path ran, so the local-window tiers and the all-keys path are each checked for outputs and gradients.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from anllm_jax import anchor_attention, attention, masks
+from anllm_jax.config import preset
+from anllm_jax.model import init_model
+
+ANCHOR, PAD = 7, 0
+B, T, N, K, H = 3, 100, 4, 2, 16  # T is not a multiple of the block: padded inside
+BLOCK, CAPACITY, TIERS, Q_CHUNK = 16, 48, (1, 3), 32
+WIDE, ALL_KEYS = 1, 2  # path indices: tier 0 = one previous block, 1 = three, 2 = every key
+
+
+def _tokens_from_lengths(lengths_per_row):
+    """Rows of non-anchor tokens whose sentences end with an anchor at the given lengths."""
+    rng = np.random.default_rng(len(lengths_per_row))
+    toks = rng.integers(8, 30, size=(len(lengths_per_row), T))
+    for b, lengths in enumerate(lengths_per_row):
+        ends = np.cumsum(lengths) - 1
+        toks[b, ends[ends < T]] = ANCHOR
+    return toks
+
+
+def _random_lengths(rng, lo, hi):
+    return [rng.integers(lo, hi + 1, size=T) for _ in range(B)]
+
+
+def _layout(name):
+    """(tokens [B, T], segment_ids [B, T] or None, expected path index)."""
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    segs = None
+    if name == "short_sentences":
+        toks, path = _tokens_from_lengths(_random_lengths(rng, 2, 12)), 0
+    elif name == "one_token_sentences":  # adjacent anchors, 30% of the tokens
+        toks = rng.integers(8, 30, size=(B, T))
+        toks[rng.random((B, T)) < 0.3] = ANCHOR
+        path = 0
+    elif name == "sentences_over_one_block":  # 30-token sentences cross two block boundaries
+        toks, path = _tokens_from_lengths([[30] * 4] * B), WIDE
+    elif name == "sentence_over_every_window":
+        toks, path = _tokens_from_lengths([[81, 19]] * B), ALL_KEYS
+    elif name == "no_anchors":
+        toks, path = _tokens_from_lengths([[T + 1]] * B), ALL_KEYS
+    elif name == "all_anchors":  # 100 anchors per row: more than the 48 slots
+        toks, path = np.full((B, T), ANCHOR), ALL_KEYS
+    elif name == "too_many_anchors":
+        toks, path = _tokens_from_lengths([[2] * 50, [3] * 40, [1] * 60]), ALL_KEYS
+    elif name == "padding":  # right padding, left padding, and a row of padding only
+        toks = _tokens_from_lengths(_random_lengths(rng, 2, 12))
+        toks[0, 77:] = PAD
+        toks[1, :40] = PAD
+        toks[2] = PAD
+        path = 0
+    elif name == "packed_documents":  # documents end mid-sentence; id 0 is padding
+        toks = _tokens_from_lengths(_random_lengths(rng, 3, 14))
+        segs = np.zeros((B, T), np.int32)
+        for b, cuts in enumerate([(0, 30, 61, 90), (0, 5, 70, 100), (0, 50, 99, 100)]):
+            for d, (s, e) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+                segs[b, s:e] = d + 1
+        path = 0
+    else:
+        raise ValueError(name)
+    return toks, segs, path
+
+
+LAYOUTS = [
+    "short_sentences",
+    "one_token_sentences",
+    "sentences_over_one_block",
+    "sentence_over_every_window",
+    "no_anchors",
+    "all_anchors",
+    "too_many_anchors",
+    "padding",
+    "packed_documents",
+]
+
+
+def _info(toks, segs):
+    return masks.token_info(jnp.asarray(toks), jnp.array([ANCHOR]), PAD, None if segs is None else jnp.asarray(segs))
+
+
+def _loss_and_grads(impl, q, k, v, w, info):
+    def loss(q, k, v):
+        if impl == "anchor":
+            o = anchor_attention.anchor_attention(
+                q, k, v, info, block=BLOCK, capacity=CAPACITY, tiers=TIERS, q_chunk=Q_CHUNK
+            )
+        else:
+            o = attention._xla(q, k, v, masks.allowed(info, info))
+        return jnp.sum(o.astype(jnp.float32) * w), o
+
+    (_, o), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return o, grads
+
+
+@functools.cache
+def _compiled(impl):
+    return jax.jit(functools.partial(_loss_and_grads, impl))
+
+
+def _inputs(dtype, seed=0):
+    r = np.random.default_rng(seed)
+    q, w = (jnp.asarray(r.normal(size=(B, T, N, H)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(r.normal(size=(B, T, K, H)), jnp.float32) for _ in range(2))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), w
+
+
+def _rel_err(got, want):
+    """Largest error relative to the largest reference value (floored: some gradients are exactly zero)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_outputs_and_gradients_match_dense(name, dtype, tol):
+    toks, segs, path = _layout(name)
+    info = _info(toks, segs)
+    assert int(anchor_attention.select_path(info, BLOCK, CAPACITY, TIERS)) == path
+    q, k, v, w = _inputs(dtype)
+    o, grads = _compiled("anchor")(q, k, v, w, info)
+    # The reference always in float32 from the same (rounded) inputs.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    o_ref, grads_ref = _compiled("xla")(*f32, w, info)
+    assert o.dtype == dtype
+    assert _rel_err(o, o_ref) <= tol, "output"
+    for g, g_ref, which in zip(grads, grads_ref, "qkv", strict=True):
+        assert g.dtype == dtype
+        assert _rel_err(g, g_ref) <= tol, f"d{which}"
+
+
+def test_rule_pieces_partition_the_mask():
+    """Each allowed key is seen exactly once: in the local window (same seg) or among the anchors (other seg)."""
+    toks, segs, _ = _layout("packed_documents")
+    info = _info(toks, segs)
+    allowed = np.asarray(masks.allowed(info, info))
+    seg = np.asarray(info.seg)
+    same = seg[:, :, None] == seg[:, None, :]
+    anchor_key = np.asarray(info.anchor & info.valid)[:, None, :]
+    assert not np.any(allowed & ~same & ~anchor_key)
+    i, j = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    window = (j // BLOCK >= i // BLOCK - TIERS[0]) & (j <= i)
+    assert not np.any(allowed & same & ~window)
+
+
+def test_dispatcher_uses_dense_path_for_cache_queries():
+    """Queries against other keys (a KV cache) are not self-attention: `attend` gives the dense result."""
+    r = np.random.default_rng(1)
+    toks = _tokens_from_lengths(_random_lengths(r, 2, 9))
+    info = _info(toks, None)
+    q_info = jax.tree.map(lambda a: a[:, -4:], info)
+    q = jnp.asarray(r.normal(size=(B, 4, N, H)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(B, T, K, H)), jnp.float32) for _ in range(2))
+    got = attention.attend(q, k, v, q_info, info, impl="anchor")
+    want = attention._xla(q, k, v, masks.allowed(q_info, info))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_bad_shapes_raise():
+    q = jnp.zeros((1, 8, 3, 4))
+    info = _info(np.full((1, 8), 9), None)
+    with pytest.raises(ValueError, match="multiple of K"):
+        anchor_attention.anchor_attention(q, jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 8, 2, 4)), info)
+
+
+def test_long_row_memory_is_linear_and_rows_are_exact():
+    """T = 16k forward: compiled temporary memory far below one T x T score matrix; sampled rows exact."""
+    TL, NL, KL, HL = 16384, 2, 1, 8
+    r = np.random.default_rng(2)
+    lengths = r.integers(8, 41, size=TL)
+    toks = np.full((1, TL), 9)
+    toks[0, (np.cumsum(lengths) - 1)[np.cumsum(lengths) <= TL]] = ANCHOR
+    info = _info(toks, None)
+    q = jnp.asarray(r.normal(size=(1, TL, NL, HL)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(1, TL, KL, HL)), jnp.float32) for _ in range(2))
+    f = jax.jit(anchor_attention.anchor_attention)
+    compiled = f.lower(q, k, v, info).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    dense_scores = NL * TL * TL * 4
+    assert temp < dense_scores / 16, f"{temp / 2**20:.0f} MiB temporaries"
+    assert int(anchor_attention.select_path(info, 128, anchor_attention.default_capacity(TL), (1, 8))) == 0
+    o = np.asarray(compiled(q, k, v, info))
+    rows = np.array([0, 37, 5000, 12345, TL - 1])
+    q_info = jax.tree.map(lambda a: a[:, rows], info)
+    want = attention._xla(q[:, rows], k, v, masks.allowed(q_info, info))
+    np.testing.assert_allclose(o[:, rows], want, atol=1e-5)
+
+
+def test_model_logits_and_gradients_match_dense():
+    """Tiny Llama with AnSAN: attention='anchor' gives the logits and parameter gradients of 'xla'."""
+    from flax import nnx
+
+    cfg = preset("tiny", anchor_mode="ac", anchor_ids=(ANCHOR,), pad_id=PAD)
+    r = np.random.default_rng(3)
+    TM = 300
+    toks = r.integers(8, cfg.vocab_size, size=(2, TM))
+    for b in range(2):
+        ends = np.cumsum(r.integers(5, 40, size=TM)) - 1
+        toks[b, ends[ends < TM]] = ANCHOR
+    toks[1, 260:] = PAD
+    segs = np.ones((2, TM), np.int32)
+    segs[0, 150:] = 2
+    segs[1, 260:] = 0
+    toks, segs = jnp.asarray(toks), jnp.asarray(segs)
+
+    def loss_and_grads(impl):
+        model = init_model(cfg.replace(attention=impl), seed=0)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(toks, segment_ids_BT=segs, anchor_mode="ac")
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.cos(logits[..., 1])), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, logits), grads = loss_and_grads("anchor")
+    (_, logits_ref), grads_ref = loss_and_grads("xla")
+    assert _rel_err(logits, logits_ref) <= 1e-5
+    flat, flat_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
+    assert len(flat) == len(flat_ref) > 0
+    for g, g_ref in zip(flat, flat_ref, strict=True):
+        assert _rel_err(g, g_ref) <= 1e-5
+
+
+def _gpu_available():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU")
+def test_gpu_benchmark_shape_matches_dense():
+    """B=2, T=4096, 32 heads, head_dim 128, bf16 sentences of 8-40 tokens: equal to the float32 dense result."""
+    TG = 4096
+    r = np.random.default_rng(4)
+    toks = np.full((2, TG), 9)
+    for b in range(2):
+        ends = np.cumsum(r.integers(8, 41, size=TG)) - 1
+        toks[b, ends[ends < TG]] = ANCHOR
+    info = _info(toks, None)
+    q = jnp.asarray(r.normal(size=(2, TG, 32, 128)), jnp.bfloat16)
+    k, v = (jnp.asarray(r.normal(size=(2, TG, 8, 128)), jnp.bfloat16) for _ in range(2))
+    got = jax.jit(anchor_attention.anchor_attention)(q, k, v, info)
+    want = jax.jit(attention._xla)(*(x.astype(jnp.float32) for x in (q, k, v)), masks.allowed(info, info))
+    assert _rel_err(got, want) <= 1e-2
