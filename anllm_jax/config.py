@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+import os
+import types
+import typing
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from anllm_jax.data import DataConfig
 
 ANCHOR_MODES = ("full", "ep", "ac")
 ATTENTION_IMPLS = ("xla", "cudnn", "anchor")
@@ -171,3 +179,281 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training job configuration: a tree of dataclasses, read from YAML plus `key=value` dotted overrides, validated
+# (unknown keys and wrong types fail at once, naming the closest valid keys).
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """Which model to train. A fresh init uses `preset`; `load_parameters_path` (top level) brings real weights."""
+
+    preset: str = "tiny"
+    # ModelConfig fields replaced on top of the preset or the loaded model's config (dtype, remat, attention, ...).
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Tokenizer for a fresh init (a native checkpoint dir or a GGUF/HF model); loaded models bring their own.
+    tokenizer_path: str | None = None
+    # The anchor variant trained is data.anchor_mode: "ac" adds the <AC> token after every sentence, "ep" uses
+    # `ep_strings` as anchors, "full" trains with the plain causal mask.
+    anchor_init: str = "dot"  # new <AC> embedding rows: "dot" copies the "." rows, "mean" the mean row
+    ep_strings: tuple[str, ...] = (".",)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up then a constant, cosine or linear schedule."""
+
+    lr: float = 2e-5
+    warmup_steps: int = 20
+    schedule: str = "constant"  # constant | cosine | linear
+    end_lr_fraction: float = 0.1  # cosine/linear decay to lr * end_lr_fraction at the last step
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decay_norms: bool = False  # apply weight decay to RMSNorm scales
+    decay_embeddings: bool = False  # apply weight decay to the embedding table
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh with axes (data, fsdp, tensor). Within-slice sizes (`ici_*`) times across-slice or across-node
+    sizes (`dcn_*`) give each axis; one `ici_*` may be -1 to take the remaining devices."""
+
+    ici_data: int = 1
+    ici_fsdp: int = -1
+    ici_tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    # Logical parameter/activation axis -> mesh axis (or list of axes, or null for replicated).
+    logical_axis_rules: list[tuple[str, Any]] = dataclasses.field(
+        default_factory=lambda: [
+            ("batch", ["data", "fsdp"]),
+            ("vocab", "tensor"),
+            ("embed", "fsdp"),
+            ("heads", "tensor"),
+            ("kv_heads", "tensor"),
+            ("mlp", "tensor"),
+            ("head_dim", None),
+            ("layers", None),
+        ]
+    )
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpoints under <run dir>/checkpoints: every `every_steps`, at the end and on SIGTERM."""
+
+    every_steps: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """jax.distributed settings. Left unset, they come from the environment (SLURM, TPU pods, JAX_COORDINATOR_*)."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout: int = 300
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out perplexity under the full and the AnSAN mask, before and after training: the first `batches`
+    batches of `batch_size` rows of the data's validation split (0 disables)."""
+
+    batches: int = 0
+    batch_size: int = 4
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run_name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step, over all processes
+    micro_batches: int = 1  # gradient accumulation: the global batch is split into this many micro-batches
+    log_every: int = 10
+    dataset_type: str = "corpus"  # corpus (anllm_jax.data) | synthetic (random tokens, for benchmarks and tests)
+    # Weights-only start (fresh optimizer) when the run has no checkpoint yet: HF dir, GGUF file or native
+    # checkpoint; "smollm2" names the packaged SmolLM2-135M GGUF.
+    load_parameters_path: str | None = None
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataConfig = dataclasses.field(default_factory=lambda: _data_config_cls()())
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset_type", self.dataset_type, ("corpus", "synthetic"))
+        _check_choice("optimizer.schedule", self.optimizer.schedule, ("constant", "cosine", "linear"))
+        _check_choice("model.anchor_init", self.model.anchor_init, ("dot", "mean"))
+        for name in ("steps", "global_batch_size", "micro_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.global_batch_size % self.micro_batches:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by micro_batches={self.micro_batches}"
+            )
+        for key in self.model.overrides:
+            if key not in MODEL_FIELDS:
+                raise ValueError(f"unknown config key 'model.overrides.{key}'{_suggest(key, MODEL_FIELDS)}")
+        self.model.overrides = {
+            k: _coerce(_hints(ModelConfig)[k], v, f"model.overrides.{k}") for k, v in self.model.overrides.items()
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _data_config_cls() -> type:
+    # The data section's schema lives with the pipeline; imported lazily so that data.py may import this module.
+    from anllm_jax.data import DataConfig
+
+    return DataConfig
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, localns={"DataConfig": _data_config_cls()} if cls is TrainConfig else None)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """`value` checked against (and converted to) the annotated type `tp`; ValueError naming `name` otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, name)
+            except ValueError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, name + ".")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name}={value!r} must be a list")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple:
+            if len(value) != len(args):
+                raise ValueError(f"{name}={value!r} must have {len(args)} items")
+            items = [_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
+        else:
+            items = [_coerce(args[0] if args else Any, v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}={value!r} must be a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r} must be an integer")
+        return value
+    if tp is float:
+        # YAML 1.1 reads "2e-5" as a string; accept any spelling float() accepts.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={value!r} must be a number") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r} must be a string")
+        return value
+    if isinstance(value, tp):
+        return value
+    raise ValueError(f"{name}={value!r} must be of type {_type_name(tp)}")
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            raise ValueError(f"unknown config key '{prefix}{key}'{_suggest(key, names)}")
+    hints = _hints(cls)
+    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in d.items()})
+
+
+def _to_plain(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, list | tuple):
+        return [_to_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    return x
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = d.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"cannot set {dotted!r}: {p!r} is not a section")
+        d = child
+    d[leaf] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> nested dict; values are read as YAML (numbers, true/false, null, [lists])."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. optimizer.lr=1e-4)")
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, d)
+
+
+def load_train_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML train config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path} does not exist; pass --config configs/<name>.yaml")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a YAML mapping at the top level")
+    return train_config_from_dict(_merge(raw, parse_overrides(overrides)))

@@ -1,0 +1,117 @@
+"""Sharded training: meshes over 8 fake CPU devices and two real processes match one device; checkpoints written by
+two processes restore in one process on another mesh."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import yaml
+from test_train import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(devices: int, tmp_path: Path) -> dict:
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=str(ROOT),
+    )
+
+
+def _run_python(code: str, env: dict, timeout: int = 400) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_meshes_match_one_device(tmp_path):
+    """(data, fsdp, tensor) = (2,2,2), (1,8,1), (8,1,1) give the loss and updated parameters of one device,
+    with gradient accumulation over 2 micro-batches on the sharded batch."""
+    base = tiny_config(
+        tmp_path, "one", steps=2, global_batch_size=16, micro_batches=2, checkpoint={"every_steps": 100, "keep": 1}
+    )
+    code = f"""
+        import jax, numpy as np
+        from anllm_jax import config, train
+        base = {base!r}
+        def run(name, mesh, devices=None):
+            raw = dict(base, run_name=name, mesh=dict(ici_data=mesh[0], ici_fsdp=mesh[1], ici_tensor=mesh[2]))
+            out = train.train(config.train_config_from_dict(raw), devices=devices)
+            return [h["loss"] for h in out["history"]], jax.device_get(out["state"]["params"]), out["state"]
+        ref_loss, ref_params, _ = run("one", (1, 1, 1), jax.devices()[:1])
+        assert len(jax.devices()) == 8
+        for mesh in [(2, 2, 2), (1, 8, 1), (8, 1, 1)]:
+            loss, params, state = run("mesh" + "".join(map(str, mesh)), mesh)
+            np.testing.assert_allclose(loss, ref_loss, rtol=0, atol=1e-5)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params, ref_params)
+            # The parameters really are spread over the devices (FSDP on 'embed', tensor on heads/mlp/vocab).
+            wq = state["params"]["blocks"]["wq"]
+            assert len({{s.index for s in wq.addressable_shards}}) == mesh[1] * mesh[2], (mesh, wq.sharding)
+            print("mesh", mesh, "losses", loss)
+        print("OK")
+    """
+    out = _run_python(code, _env(8, tmp_path))
+    assert out.strip().endswith("OK")
+
+
+def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
+    """Two jax.distributed processes (2 CPU devices each, launched by launch/local_multiprocess.sh) train with the
+    losses of one single-device process; their checkpoint restores in one process on a (2, 1, 2) mesh with the same
+    parameters as the single-process run."""
+    cfg = tiny_config(
+        tmp_path,
+        "two",
+        steps=4,
+        checkpoint={"every_steps": 2, "keep": 2},
+        mesh={"ici_data": 1, "ici_fsdp": 2, "ici_tensor": 1, "dcn_fsdp": 2},
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(_env(2, tmp_path), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        ["bash", "launch/local_multiprocess.sh", "2", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
+
+    code = f"""
+        import json, jax, numpy as np
+        from anllm_jax import config, sharding, train
+        from anllm_jax.config import MeshConfig
+        raw = {cfg!r}
+        raw.update(run_name="one", mesh={{}})
+        out = train.train(config.train_config_from_dict(raw), devices=jax.devices()[:1])
+        ref = jax.device_get(out["state"]["params"])
+        mesh = sharding.make_mesh(MeshConfig(ici_data=2, ici_fsdp=1, ici_tensor=2))
+        mcfg, state = train.restore_train_state("{tmp_path}/runs/two", mesh)
+        assert int(state["step"]) == 4 and mcfg.anchor_ids == (5,)
+        assert state["params"]["embed"].sharding.mesh.shape == mesh.shape
+        restored = jax.device_get(state["params"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), restored, ref)
+        print(json.dumps([h["loss"] for h in out["history"]]))
+    """
+    one = json.loads(_run_python(code, _env(4, tmp_path)).strip().splitlines()[-1])
+    two = [json.loads(line)["loss"] for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()]
+    assert len(two) == len(one) == 4
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)

@@ -1,0 +1,249 @@
+"""Train step and job: loss masking, gradient accumulation, NaN stop, bad input, exact resume after SIGTERM/SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import yaml
+from flax import nnx
+
+from anllm_jax import config, sharding, train
+from anllm_jax.config import MeshConfig
+from anllm_jax.model import init_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ANCHOR = 5
+
+
+def tiny_config(tmp_path: Path, run_name: str, **top) -> dict:
+    """A tiny synthetic-data job (float32, AnSAN-AC with token 5 as the anchor)."""
+    cfg = {
+        "run_name": run_name,
+        "output_dir": str(tmp_path / "runs"),
+        "dataset_type": "synthetic",
+        "steps": 6,
+        "global_batch_size": 8,
+        "log_every": 1,
+        "model": {"preset": "tiny", "overrides": {"anchor_ids": [ANCHOR], "dtype": "float32"}},
+        "data": {"anchor_mode": "ac", "seq_len": 32},
+        "optimizer": {"lr": 1e-3, "warmup_steps": 2},
+        "checkpoint": {"every_steps": 2, "keep": 2},
+    }
+    cfg.update(top)
+    return cfg
+
+
+def _nll_reference(logits: np.ndarray, doc: np.ndarray) -> tuple[float, int]:
+    logits = logits.astype(np.float64)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
+    return float(-sum(logp[t, doc[t + 1]] for t in range(len(doc) - 1))), len(doc) - 1
+
+
+def test_loss_on_packed_rows_equals_documents_alone():
+    """Packed rows with padding give the same summed next-token loss as each document run on its own (float64
+    reference): no target crosses a document boundary or touches padding, anchors are targets too, and the
+    anchor mask never lets a document see another."""
+    cfg = config.preset("tiny", anchor_mode="ac", anchor_ids=(ANCHOR,))
+    model = init_model(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    T = 32
+    docs = [rng.integers(6, cfg.vocab_size, n).astype(np.int32) for n in (10, 12, 32)]
+    for d in docs:
+        d[rng.choice(len(d), len(d) // 4, replace=False)] = ANCHOR
+    tokens = np.zeros((2, T), np.int32)
+    seg = np.zeros((2, T), np.int32)
+    tokens[0, :10], seg[0, :10] = docs[0], 1
+    tokens[0, 10:22], seg[0, 10:22] = docs[1], 2
+    tokens[0, 22:] = 7  # padding positions (segment 0) hold arbitrary ids
+    tokens[1], seg[1] = docs[2], 1
+    logits = model(jnp.asarray(tokens), segment_ids_BT=jnp.asarray(seg))
+    nll, count = train.next_token_nll(logits, jnp.asarray(tokens), jnp.asarray(seg))
+    ref_nll, ref_count = 0.0, 0
+    for d in docs:
+        n, c = _nll_reference(np.asarray(model(jnp.asarray(d)[None]))[0], d)
+        ref_nll, ref_count = ref_nll + n, ref_count + c
+    assert int(count) == ref_count == 9 + 11 + 31
+    np.testing.assert_allclose(float(nll), ref_nll, rtol=2e-5)
+
+
+def _one_step_setup(micro_batches: int):
+    """A jitted step with plain SGD at lr 1, so the parameter change is exactly minus the mean gradient."""
+    mcfg = config.preset("tiny", anchor_mode="ac", anchor_ids=(ANCHOR,))
+    mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+    graphdef, state = nnx.split(init_model(mcfg, seed=0))
+    params = nnx.to_pure_dict(state)
+    tx = optax.sgd(1.0)
+    step = train.make_train_step(
+        graphdef,
+        mcfg,
+        tx,
+        lambda _: jnp.ones(()),
+        micro_batches,
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None)),
+    )
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return jax.jit(step), state
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batch = next(train.SyntheticIterator(256, (ANCHOR,), 32, 8, seed=3))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    results = []
+    for k in (1, 4):
+        step, state = _one_step_setup(k)
+        results.append(step(state, batch))
+    (s1, m1), (s4, m4) = results
+    assert float(m1["targets"]) == float(m4["targets"]) > 0
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    assert float(m1["grad_norm"]) > 0.1
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), s4["params"], s1["params"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    raw = tiny_config(
+        tmp_path,
+        "nan",
+        steps=6,
+        optimizer={"lr": 1e30, "warmup_steps": 1, "grad_clip": 0.0},
+        checkpoint={"every_steps": 1, "keep": 3, "async_save": False},
+    )
+    cfg = config.train_config_from_dict(raw)
+    with pytest.raises(FloatingPointError) as e:
+        train.train(cfg, devices=jax.devices()[:1])
+    msg = str(e.value)
+    assert "\n" not in msg and "stopped without saving" in msg
+    bad_step = int(msg.split(" at step ")[1].split(";")[0])
+    assert f"the last good checkpoint is step {bad_step - 1}" in msg
+    steps = sorted(int(p.name) for p in (tmp_path / "runs/nan/checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == bad_step - 1
+    rows = [json.loads(line) for line in (tmp_path / "runs/nan/metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] == bad_step - 1
+
+
+def _cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("anllm_jax.train: error: ")
+    return err[0]
+
+
+def test_cli_bad_input_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, "bad")))
+    assert "did you mean steps" in _cli_error(capsys, ["--config", str(path), "stesp=3"])
+    n = len(jax.devices())
+    assert f"are available; make the sizes multiply to {n}" in _cli_error(
+        capsys, ["--config", str(path), f"mesh.ici_data={n + 1}", "mesh.ici_fsdp=1"]
+    )
+    assert "no prepared corpus at /nonexistent/corpus" in _cli_error(
+        capsys, ["--config", str(path), "dataset_type=corpus", "data.path=/nonexistent/corpus"]
+    )
+
+
+def _last_per_step(path: Path) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0, poll: float = 0.001):
+    start = time.time()
+    while time.time() - start < timeout:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"job exited early with code {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def test_exact_resume_after_sigterm_and_sigkill(tmp_path):
+    """Uninterrupted run vs. a run stopped by SIGTERM, resumed, SIGKILLed while a checkpoint is being written, and
+    resumed again: same per-step losses and data order; the half-written checkpoint is never used."""
+    steps = 14
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, "x", steps=steps, checkpoint={"every_steps": 1, "keep": 2})))
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_PLATFORMS="cpu",
+    )
+    cmd = [sys.executable, "-m", "anllm_jax.train", "--config", str(path)]
+
+    def start(run_name):
+        return subprocess.Popen(
+            [*cmd, f"run_name={run_name}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    ref = start("ref")
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()[-2000:]
+    run = tmp_path / "runs" / "cut"
+    ckpt_dir = run / "checkpoints"
+
+    def metrics_steps():
+        path = run / "metrics.jsonl"
+        return path.exists() and len(path.read_text().splitlines())
+
+    proc = start("cut")
+    _wait_for(lambda: metrics_steps() >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-2000:]
+    assert "SIGTERM: saved checkpoint at step" in out
+    term_step = int(out.split("SIGTERM: saved checkpoint at step ")[1].split(";")[0])
+    assert term_step < steps
+
+    def writing():
+        names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
+        tmp = [n for n in names if "tmp" in n and int(n.split(".")[0]) > term_step + 2]
+        return tmp[0] if tmp else None
+
+    proc = start("cut")
+    partial = _wait_for(writing, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial_step = int(partial.split(".")[0])
+    assert partial_step < steps
+    assert partial in os.listdir(ckpt_dir), "the kill should land while the checkpoint is still a temporary dir"
+    complete = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()]
+    assert max(complete) < partial_step
+
+    proc = start("cut")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-2000:]
+    resumed_from = int(out.split("resumed from ")[1].split(" step ")[1].split()[0])
+    assert resumed_from == max(complete)
+
+    want, got = _last_per_step(tmp_path / "runs/ref/metrics.jsonl"), _last_per_step(run / "metrics.jsonl")
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for s in want:
+        assert got[s]["batch_crc"] == want[s]["batch_crc"], f"data order differs at step {s}"
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], abs=1e-6), f"loss differs at step {s}"
+    assert (run / "loss.png").exists() and (run / "config.yaml").exists()
+    assert any((run / "tensorboard").iterdir())
