@@ -262,10 +262,60 @@ def _one_document_row(ids: list[int], seq_len: int, pad: int) -> dict[str, np.nd
     return {"tokens": tokens, "segment_ids": segment_ids}
 
 
-def _packed_row(element: dict[str, np.ndarray], pad: int) -> dict[str, np.ndarray]:
-    segment_ids = element["tokens_segment_ids"].astype(np.int32)
-    tokens = np.where(segment_ids == 0, pad, element["tokens"]).astype(np.int32)
-    return {"tokens": tokens, "segment_ids": segment_ids}
+class _PackIterator(grain.DatasetIterator):
+    """Concatenates documents and cuts the stream into rows of `seq_len`; each piece of a document is a segment.
+
+    The state is the parent's state before the current document plus how many of its tokens were emitted, so a
+    restore replays nothing but that one document.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+        self._pad = pad
+        self._doc: np.ndarray | None = None
+        self._doc_state = parent.get_state()
+        self._offset = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        tokens = np.full(self._seq_len, self._pad, np.int32)
+        segment_ids = np.zeros(self._seq_len, np.int32)
+        filled = segment = 0
+        while filled < self._seq_len:
+            if self._doc is None or self._offset == len(self._doc):
+                state = self._parent.get_state()
+                try:
+                    doc = next(self._parent)
+                except StopIteration:
+                    if filled == 0:
+                        raise
+                    break
+                self._doc, self._doc_state, self._offset = doc, state, 0
+            n = min(self._seq_len - filled, len(self._doc) - self._offset)
+            segment += 1
+            tokens[filled : filled + n] = self._doc[self._offset : self._offset + n]
+            segment_ids[filled : filled + n] = segment
+            filled += n
+            self._offset += n
+        return {"tokens": tokens, "segment_ids": segment_ids}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"document": self._doc_state, "offset": self._offset}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["document"])
+        self._doc_state, self._offset = state["document"], state["offset"]
+        self._doc = next(self._parent) if self._offset else None
+
+
+class _Pack(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, pad: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+        self._pad = pad
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad)
 
 
 def _fill_batch(batch: dict[str, np.ndarray], rows: int, pad: int) -> dict[str, np.ndarray]:
@@ -315,13 +365,12 @@ def make_iterator(
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.map(lambda r: encode_document(r["text"].decode("utf-8"), tokenizer, cfg.anchor_mode))
     if cfg.packing:
-        ds = ds.map(lambda ids: {"tokens": np.asarray(ids, np.int32)})
+        ds = ds.map(lambda ids: np.asarray(ids, np.int32))
     else:
         ds = ds.map(lambda ids: _one_document_row(ids, cfg.seq_len, pad))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * local_batch))
     if cfg.packing:
-        it_ds = grain.experimental.ConcatThenSplitIterDataset(it_ds, length_struct={"tokens": cfg.seq_len})
-        it_ds = it_ds.map(lambda e: _packed_row(e, pad))
+        it_ds = _Pack(it_ds, cfg.seq_len, pad)
     it_ds = it_ds.batch(local_batch, drop_remainder=False)
     if cfg.num_epochs is not None:
         it_ds = it_ds.map(lambda b: _fill_batch(b, local_batch, pad))
