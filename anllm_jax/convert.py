@@ -1,0 +1,81 @@
+"""Convert checkpoints between HF Llama directories, GGUF files and the native orbax format.
+
+    python -m anllm_jax.convert --input PATH --output DIR --to native|hf [--anchor-mode full|ep|ac] [--ac-init dot|mean]
+
+PATH is an HF model directory (config.json + safetensors), a .gguf file, a native checkpoint directory, or
+"smollm2" for the packaged SmolLM2-135M-Instruct GGUF. GGUF is read-only (dequantized on load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from anllm_jax import checkpoints
+from anllm_jax.config import ANCHOR_MODES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m anllm_jax.convert",
+        description="Convert an HF Llama directory, a GGUF file or a native checkpoint to the native or HF format.",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help='HF model directory, .gguf file, native checkpoint directory, or "smollm2" (the packaged SmolLM2-135M)',
+    )
+    p.add_argument("--output", required=True, help="output directory (replaced atomically if it exists)")
+    p.add_argument("--to", required=True, choices=("native", "hf"), help="native: orbax + config.json; hf: safetensors")
+    p.add_argument(
+        "--anchor-mode",
+        choices=ANCHOR_MODES,
+        default=None,
+        help="set the anchor mode: full (plain causal), ep (existing tokens such as '.'), ac (adds the <AC> token); "
+        "default: keep the input's",
+    )
+    p.add_argument(
+        "--ep-strings",
+        nargs="+",
+        default=["."],
+        help="anchor strings for --anchor-mode ep, each one token of the vocabulary (default: .)",
+    )
+    p.add_argument(
+        "--ac-init",
+        choices=("dot", "mean"),
+        default="dot",
+        help='initial <AC> embedding rows for --anchor-mode ac: copy of the "." rows (dot) or the mean row (mean)',
+    )
+    p.add_argument(
+        "--param-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="parameter dtype written (default: the input's, float32 for HF and GGUF inputs)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
+    start = time.perf_counter()
+    model, tokenizer = checkpoints.load(args.input, **overrides)
+    print(f"loaded {args.input} in {time.perf_counter() - start:.1f} s: {model.cfg.num_params():,} parameters")
+    if args.anchor_mode is not None:
+        if tokenizer is None:
+            sys.exit(f"--anchor-mode needs a tokenizer, and {args.input} has none (no tokenizer.json/tokenizer.model)")
+        if args.anchor_mode == "ac":
+            model, tokenizer = checkpoints.add_anchor_token(model, tokenizer, init=args.ac_init)
+        else:
+            model = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode, tuple(args.ep_strings))
+        print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}")
+    if args.to == "native":
+        checkpoints.save(model, tokenizer, args.output)
+    else:
+        checkpoints.export_hf(model, tokenizer, args.output)
+    print(f"wrote {args.to} checkpoint to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
