@@ -13,8 +13,8 @@ API used by the trainer:
 - `segment_ids`: 1 for the tokens of a one-document row, 1..n for the documents of a packed row, 0 for padding.
   Padding positions hold `tokenizer.pad_id` (0 if it has none); segment_ids == 0 is what marks them.
   Targets are the next token, shifted by the trainer, which also drops targets across segment boundaries.
-- Rows start with BOS when the tokenizer has one. In anchor_mode "ac" the `<AC>` id follows the last token of
-  every sentence (`anllm_jax.sentences`); in "ep" and "full" the text is tokenized as is.
+- Documents start with BOS when the tokenizer has one (and `add_bos`). In anchor_mode "ac" the `<AC>` id follows
+  the last token of every sentence (`anllm_jax.sentences`); in "ep" and "full" the text is tokenized as is.
 - Shuffling is seeded and differs per epoch; the stream repeats over epochs (`num_epochs=None`) or stops after
   `num_epochs`, the last batch then filled with padding rows. Tokenization runs on the fly inside grain, so the
   iterator state is just a few positions and resuming is instant.
@@ -70,6 +70,8 @@ class DataConfig:
         True = documents concatenated and cut into full rows, each piece its own segment.
     shuffle / shuffle_seed: seeded document shuffle, a different permutation every epoch.
     num_epochs: None repeats forever.
+    add_bos: start each document with the tokenizer's BOS (if it has one). Turn off for tokenizers whose "BOS"
+        is a chat marker (the SmolLM2 GGUF names <|im_start|>).
     read_threads: threads that tokenize ahead of the consumer.
     """
 
@@ -81,6 +83,7 @@ class DataConfig:
     shuffle: bool = True
     shuffle_seed: int = 0
     num_epochs: int | None = None
+    add_bos: bool = True
     read_threads: int = 4
 
     def __post_init__(self) -> None:
@@ -363,7 +366,7 @@ def make_iterator(
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.shuffle_seed)
     ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(lambda r: encode_document(r["text"].decode("utf-8"), tokenizer, cfg.anchor_mode))
+    ds = ds.map(lambda r: encode_document(r["text"].decode("utf-8"), tokenizer, cfg.anchor_mode, cfg.add_bos))
     if cfg.packing:
         ds = ds.map(lambda ids: np.asarray(ids, np.int32))
     else:

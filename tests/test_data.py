@@ -176,6 +176,10 @@ def test_rows_are_truncated_padded_documents(corpus, sp_tok):
                 assert tokens[:n].tolist() == expected and (seg[:n] == 1).all()
                 assert (seg[n:] == 0).all() and (tokens[n:] == 0).all()  # no pad id: padding holds 0
         assert rows == len(texts)
+    cfg = data.DataConfig(path=str(out), anchor_mode="ep", seq_len=300, add_bos=False, shuffle=False, num_epochs=1)
+    first = next(data.make_iterator(cfg, sp_tok, 2, 0, 1))["tokens"][0]
+    text = data.open_split(out, "train")[0]["text"].decode()
+    assert first[: len(sp_tok.encode(text))].tolist() == sp_tok.encode(text) and sp_tok.bos_id not in first
     # the "ac" rows above fit whole documents, the "full" rows were cut
     assert max(len(data.encode_document(t, sp_tok, "full")) for t in texts.values()) > 48
 
