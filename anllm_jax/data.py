@@ -150,7 +150,8 @@ def prepare(
 ) -> Path:
     """Build the raw-document tfds dataset under `output`; returns the dataset folder.
 
-    An existing dataset built from the same arguments is reused; a different one needs `overwrite=True`.
+    An existing dataset built from the same arguments is reused; a different one, or files edited since, need
+    `overwrite=True`.
     """
     if not sources:
         raise ValueError(f"no corpus source given; pass '{REGISTRY}' or folders of .txt/.jsonl files")
@@ -163,12 +164,11 @@ def prepare(
     }
     out = Path(output)
     record_path = out / PREPARE_RECORD
-    if record_path.exists():
+    if record_path.exists() and not overwrite:
         record = json.loads(record_path.read_text())
         if record["spec"] == spec and Path(record["dataset_dir"]).exists():
             return Path(record["dataset_dir"])
-        if not overwrite:
-            raise ValueError(f"{out} holds a corpus prepared from {record['spec']}; pass --overwrite to replace it")
+        raise ValueError(f"{out} holds a corpus prepared from {record['spec']}; pass --overwrite to replace it")
     keys, stats = scan_sources(spec["sources"], max_docs)
     validation_keys = _split_validation(keys, val_fraction)
     if (out / DATASET_NAME).exists():

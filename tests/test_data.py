@@ -310,6 +310,10 @@ def test_empty_documents_are_skipped_or_refused(tmp_path):
     data.prepare([str(src)], str(tmp_path / "out"), val_fraction=0)
     stats = json.loads((tmp_path / "out" / data.PREPARE_RECORD).read_text())["stats"]
     assert stats["empty_skipped"] == 3 and stats["documents"] == 3 and stats["splits"] == {"train": 3}
+    (src / "new.txt").write_text("Added later.")
+    assert len(data.open_split(data.prepare([str(src)], str(tmp_path / "out"), val_fraction=0), "train")) == 3
+    rebuilt = data.prepare([str(src)], str(tmp_path / "out"), val_fraction=0, overwrite=True)
+    assert len(data.open_split(rebuilt, "train")) == 4
     only_empty = tmp_path / "only_empty"
     only_empty.mkdir()
     (only_empty / "a.txt").write_text(" ")
