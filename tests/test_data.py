@@ -156,6 +156,16 @@ def test_ac_after_every_sentence(request, tok_name):
         assert data.encode_document(text, tok, "ep") == [tok.bos_id, *tok.encode(text)]
 
 
+@pytest.mark.parametrize("tok_name", ["sp_tok", "bpe_tok"])
+def test_long_documents_are_cut_exactly(request, tok_name):
+    tok = request.getfixturevalue(tok_name)
+    text = " ".join(_doc(k) for k in range(60))
+    for mode in ("ac", "full"):
+        for max_len in (20, 64):
+            assert len(text) > 8 * max_len
+            assert data.encode_prefix(text, tok, mode, max_len) == data.encode_document(text, tok, mode)[:max_len]
+
+
 def test_rows_are_truncated_padded_documents(corpus, sp_tok):
     out, _ = corpus
     texts = {
