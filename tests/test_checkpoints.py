@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -73,8 +74,13 @@ def _torch_logits(model: LlamaForCausalLM, ids: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(ids)).logits.float().numpy()
 
 
-def _logits(model, ids: np.ndarray, **kw) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(ids), **kw))
+@functools.partial(nnx.jit, static_argnames="anchor_mode")
+def _forward(model, tokens_BT, anchor_mode=None):
+    return model(tokens_BT, anchor_mode=anchor_mode)
+
+
+def _logits(model, ids: np.ndarray, anchor_mode: str | None = None) -> np.ndarray:
+    return np.asarray(_forward(model, jnp.asarray(ids), anchor_mode=anchor_mode))
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -264,6 +270,10 @@ def test_native_save_is_atomic(sp_model, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt"]  # no temporary directory left behind
     loaded, _ = checkpoints.load(path)
     jax.tree.map(np.testing.assert_array_equal, _params(loaded), _params(model))
+    # A crash between the two renames of an overwrite leaves the previous save whole, and load names it.
+    os.rename(path, path + ".old-0123abcd")
+    with pytest.raises(FileNotFoundError, match=r"previous checkpoint at .*ckpt\.old-0123abcd"):
+        checkpoints.load(path)
 
 
 def test_ep_anchors_without_anchor_tokens_equal_causal(sp_model):
