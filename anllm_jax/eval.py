@@ -1,0 +1,624 @@
+"""Evaluate a checkpoint on the eight QA benchmarks of the AnLLM paper: accuracy, KV reduction and speed.
+
+    python -m anllm_jax.eval --checkpoint PATH --tasks all|LIST --shots K[,K] --mode MODE[,MODE]
+        [--limit N] [--output DIR]
+
+Modes (each scores every answer option by its log-likelihood, lm-evaluation-harness style):
+- full: one causal forward over demonstrations + question + option.
+- ansan: one forward over the same tokens under the AnSAN mask (the model's anchors).
+- anchor-cache: the demonstrations go through `generate.prefill` once with the anchor cache policy; every
+  question + option is scored against that cache (`generate.score_continuations`). Zero-shot, the cached
+  prefix is each question's context shared by its options. Computes the same function as ansan.
+- no-cache: the timing baseline that recomputes the demonstrations for every question and option; it is the
+  ansan computation (when both are asked for, one run serves both).
+
+Rows of token ids are laid out as [demonstrations][question context][option]; only the option's tokens are
+scored. For `ac` models `<AC>` follows each demonstration (and, with --ac-sentences, each of its sentences).
+Outputs: results.json, results.md, results.png and loglikelihoods.json in --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from anllm_jax import generate, kvcache, tasks
+from anllm_jax.model import Llama
+
+MODES = ("full", "ansan", "anchor-cache", "no-cache")
+_COMPILE_EVENTS = frozenset(
+    {
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    }
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclasses.dataclass
+class EncodedTask:
+    """A task's documents as token ids under one fixed set of demonstrations.
+
+    prefix: the demonstrations (each followed by the few-shot delimiter's first part, and <AC> for ac models).
+    options[d][o]: (context ids, continuation ids) of option o of document d; context ids follow the prefix.
+    """
+
+    name: str
+    docs: list[tasks.Doc]
+    prefix: list[int]
+    options: list[list[tuple[list[int], list[int]]]]
+
+    def row(self, d: int, o: int) -> list[int]:
+        ctx, cont = self.options[d][o]
+        return self.prefix + ctx + cont
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's split: trailing spaces of the context move to the continuation, and the continuation's
+    ids are those of context + continuation after the context's ids."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = tokenizer.encode(context) if context else []
+    whole = tokenizer.encode(context + continuation)
+    return ctx, whole[len(ctx) :]
+
+
+def _split_sentences(text: str) -> list[str]:
+    """`text` cut after each sentence (leading whitespace stays with the sentence that follows)."""
+    from anllm_jax import sentences
+
+    pieces, start = [], 0
+    for _, end in sentences.sentence_spans(text):
+        pieces.append(text[start:end])
+        start = end
+    if text[start:]:
+        pieces.append(text[start:])
+    return pieces
+
+
+def encode_demonstrations(
+    tokenizer, demos: Sequence[tasks.Doc], ac_id: int | None = None, ac_sentences: bool = False
+) -> list[int]:
+    """Token ids of the demonstrations, "\\n\\n" between them; `ac_id` after each (and after each of its
+    sentences with `ac_sentences`). Each demonstration is encoded on its own so an anchor can follow it."""
+    ids: list[int] = []
+    for i, demo in enumerate(demos):
+        text = (tasks.FEWSHOT_DELIMITER if i else "") + demo.demonstration()
+        if ac_id is None:
+            ids += tokenizer.encode(text)
+            continue
+        for piece in _split_sentences(text) if ac_sentences else [text]:
+            ids += tokenizer.encode(piece) + [ac_id]
+    return ids
+
+
+def encode_task(
+    tokenizer,
+    name: str,
+    demos: Sequence[tasks.Doc],
+    docs: Sequence[tasks.Doc],
+    ac_id: int | None = None,
+    ac_sentences: bool = False,
+) -> EncodedTask:
+    prefix = encode_demonstrations(tokenizer, demos, ac_id, ac_sentences)
+    lead = tasks.FEWSHOT_DELIMITER if demos else ""
+    options = []
+    for i, doc in enumerate(docs):
+        pairs = [encode_pair(tokenizer, lead + context, continuation) for context, continuation in doc.requests()]
+        for j, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"{name} document {i} option {j} encodes to no tokens; the option text is empty")
+            if not prefix and not ctx:
+                raise ValueError(f"{name} document {i} has an empty context; the question text is empty")
+        options.append(pairs)
+    return EncodedTask(name, list(docs), prefix, options)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _bucket(n: int) -> int:
+    """Padded length: the next of 16, 24, 32, 48, 64, 96, ... (at most 1.5x padding, few compilations)."""
+    b = 16
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b // 3 * 4
+    return b
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _masked_loglik_jit(graphdef, state, tokens_BT, segment_ids_BT, targets_BT, weights_BT, anchor_mode: str):
+    """Sum over t of weights[b, t] * log p(targets[b, t] | tokens[b, :t+1]) under the mask of `anchor_mode`."""
+    logits_BTV = nnx.merge(graphdef, state)(tokens_BT, segment_ids_BT=segment_ids_BT, anchor_mode=anchor_mode)
+    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV, axis=-1), targets_BT[..., None], axis=-1)[..., 0]
+    return jnp.sum(logp_BT * weights_BT, axis=1)
+
+
+def _doc_order(enc: EncodedTask) -> list[int]:
+    """Documents longest first, so batches hold similar lengths."""
+    longest = [max(len(c) + len(o) for c, o in opts) for opts in enc.options]
+    return sorted(range(len(enc.docs)), key=lambda d: -longest[d])
+
+
+def score_masked(
+    model: Llama, enc: EncodedTask, anchor_mode: str, token_budget: int = 2048, progress: bool = True
+) -> list[np.ndarray]:
+    """Per-document float64 log-likelihoods of each option: one masked forward per row, all options of a
+    document in one batch, documents batched up to `token_budget` padded tokens."""
+    graphdef, state = nnx.split(model)
+    out: list[np.ndarray | None] = [None] * len(enc.docs)
+    order = _doc_order(enc)
+    n_opt = max(len(o) for o in enc.options)
+    bar = tqdm(total=len(order), desc=f"{enc.name} {anchor_mode}", disable=not progress, leave=False)
+    i = 0
+    while i < len(order):
+        T = _bucket(max(len(enc.row(order[i], o)) for o in range(len(enc.options[order[i]]))))
+        n_docs = 1
+        while n_docs * 2 * n_opt * T <= token_budget and i + n_docs * 2 <= len(order):
+            n_docs *= 2
+        batch = order[i : i + n_docs]
+        rows = [(d, o) for d in batch for o in range(len(enc.options[d]))]
+        B = n_docs * n_opt
+        tokens = np.zeros((B, T), np.int32)
+        segments = np.zeros((B, T), np.int32)
+        targets = np.zeros((B, T), np.int32)
+        weights = np.zeros((B, T), np.float32)
+        for r, (d, o) in enumerate(rows):
+            row = enc.row(d, o)
+            n_cont = len(enc.options[d][o][1])
+            tokens[r, : len(row)] = row
+            segments[r, : len(row)] = 1
+            targets[r, : len(row) - 1] = row[1:]
+            weights[r, len(row) - 1 - n_cont : len(row) - 1] = 1.0
+        sums = np.asarray(
+            jax.device_get(_masked_loglik_jit(graphdef, state, tokens, segments, targets, weights, anchor_mode))
+        )
+        for r, (d, o) in enumerate(rows):
+            if out[d] is None:
+                out[d] = np.zeros(len(enc.options[d]))
+            out[d][o] = sums[r]
+        i += n_docs
+        bar.update(n_docs)
+    bar.close()
+    return out
+
+
+def _shared_context(options: list[tuple[list[int], list[int]]]) -> int:
+    """Length of the longest token prefix that all options' contexts share (never reaching a continuation)."""
+    contexts = [ctx for ctx, _ in options]
+    n = min(len(c) for c in contexts)
+    for k in range(n):
+        if any(c[k] != contexts[0][k] for c in contexts):
+            return k
+    return n
+
+
+def score_anchor_cache(
+    model: Llama, enc: EncodedTask, batch_size: int = 16, progress: bool = True
+) -> tuple[list[np.ndarray], dict[str, int]]:
+    """Per-document log-likelihoods with the anchor cache of a shared prefix, and statistics of that cache.
+
+    With demonstrations, they are prefilled once and every question + option row is scored against the
+    cache. Zero-shot, each document's shared context is prefilled and its options scored against it (a
+    document whose options share no token is scored by the masked forward, which is the same function).
+    """
+    out: list[np.ndarray | None] = [None] * len(enc.docs)
+    order = _doc_order(enc)
+    stats = {"prefix_tokens": len(enc.prefix), "prefix_entries_kept": 0, "prefills": 0}
+    bar = tqdm(total=len(order), desc=f"{enc.name} anchor-cache", disable=not progress, leave=False)
+
+    def collect(docs: list[int], rows: list[list[int]], logprobs: list[np.ndarray]) -> None:
+        k = 0
+        for d in docs:
+            lls = np.zeros(len(enc.options[d]))
+            for o, (_, cont) in enumerate(enc.options[d]):
+                lls[o] = float(np.sum(logprobs[k][len(rows[k]) - len(cont) :], dtype=np.float64))
+                k += 1
+            out[d] = lls
+
+    if enc.prefix:
+        cache, last_logits = generate.prefill(model, [enc.prefix], policy="anchor")
+        stats["prefix_entries_kept"] = int(jax.device_get(cache.length)[0])
+        stats["prefills"] = 1
+        n_opt = max(len(o) for o in enc.options)
+        step = max(1, batch_size // n_opt)
+        for i in range(0, len(order), step):
+            docs = order[i : i + step]
+            rows = [ctx + cont for d in docs for ctx, cont in enc.options[d]]
+            logprobs, _ = generate.score_continuations(model, cache, last_logits, rows, batch_size=batch_size)
+            collect(docs, rows, logprobs)
+            bar.update(len(docs))
+    else:
+        for d in order:
+            rows = [ctx + cont for ctx, cont in enc.options[d]]
+            shared = _shared_context(enc.options[d])
+            if shared == 0:
+                single = EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
+                out[d] = score_masked(model, single, "ansan", progress=False)[0]
+            else:
+                cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy="anchor")
+                stats["prefix_entries_kept"] += int(jax.device_get(cache.length)[0])
+                stats["prefix_tokens"] += shared
+                stats["prefills"] += 1
+                logprobs, _ = generate.score_continuations(
+                    model, cache, last_logits, [r[shared:] for r in rows], batch_size=len(rows)
+                )
+                collect([d], [r[shared:] for r in rows], logprobs)
+            bar.update(1)
+    bar.close()
+    return out, stats
+
+
+class _CompileClock:
+    """Wall time of a block and the part of it JAX spent tracing, lowering and compiling."""
+
+    def __init__(self) -> None:
+        self.compile_s = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_: object) -> None:
+        if event in _COMPILE_EVENTS:
+            self.compile_s += duration
+
+    def measure(self, fn):
+        c0, t0 = self.compile_s, time.perf_counter()
+        result = fn()
+        wall = time.perf_counter() - t0
+        compile_s = self.compile_s - c0
+        return result, max(wall - compile_s, 0.0), compile_s
+
+
+_CLOCK: _CompileClock | None = None
+
+
+def _clock() -> _CompileClock:
+    global _CLOCK
+    if _CLOCK is None:
+        _CLOCK = _CompileClock()
+    return _CLOCK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runner
+
+
+def anchor_token_id(model: Llama, tokenizer) -> int | None:
+    """The <AC> id for ac models (placed after demonstrations), else None."""
+    if model.cfg.anchor_mode != "ac":
+        return None
+    from anllm_jax.checkpoints import AC_TOKEN
+
+    return int(tokenizer.token_to_id(AC_TOKEN))
+
+
+def kv_counts(enc: EncodedTask, anchor_ids: tuple[int, ...]) -> tuple[int, int]:
+    """(full cache entries, entries the anchor policy keeps) summed over every scored row."""
+    full = kept = 0
+    for d, opts in enumerate(enc.options):
+        for o in range(len(opts)):
+            row = np.asarray(enc.row(d, o))
+            full += len(row)
+            kept += kvcache.kept_after(row, anchor_ids, "anchor") if anchor_ids else len(row)
+    return full, kept
+
+
+def evaluate_task(
+    model: Llama,
+    tokenizer,
+    name: str,
+    shots: int,
+    modes: Sequence[str],
+    limit: int | None = None,
+    ac_sentences: bool = False,
+    token_budget: int = 2048,
+    batch_size: int = 16,
+    progress: bool = True,
+    seed: int = tasks.FEWSHOT_SEED,
+) -> tuple[dict, dict[str, list[list[float]]]]:
+    """Metrics per mode for one task, and the per-document option log-likelihoods per mode."""
+    task = tasks.load_task(name)
+    demos, docs = tasks.fewshot(task, shots, seed)
+    if limit is not None:
+        docs = docs[:limit]
+    enc = encode_task(tokenizer, name, demos, docs, anchor_token_id(model, tokenizer), ac_sentences)
+    anchor_ids = generate.anchor_ids_of(model) if model.cfg.anchor_mode != "full" else ()
+    clock = _clock()
+    result: dict = {"n": len(docs), "modes": {}}
+    lls_out: dict[str, list[list[float]]] = {}
+    done: dict[str, tuple] = {}
+    for mode in modes:
+        extra: dict = {}
+        if mode == "no-cache" and "ansan" in done:
+            lls, seconds, compile_s = done["ansan"]
+            extra["same_run_as"] = "ansan"
+        elif mode == "ansan" and "no-cache" in done:
+            lls, seconds, compile_s = done["no-cache"]
+            extra["same_run_as"] = "no-cache"
+        elif mode == "full":
+            lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "full", token_budget, progress))
+        elif mode in ("ansan", "no-cache"):
+            lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "ansan", token_budget, progress))
+        elif mode == "anchor-cache":
+            (lls, cache_stats), seconds, compile_s = clock.measure(
+                lambda: score_anchor_cache(model, enc, batch_size, progress)
+            )
+            extra |= cache_stats
+        else:
+            raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        done[mode] = (lls, seconds, compile_s)
+        scores = [tasks.score(doc, ll) for doc, ll in zip(docs, lls, strict=True)]
+        kv_full, kv_kept = kv_counts(enc, anchor_ids if mode != "full" else ())
+        result["modes"][mode] = {
+            "acc": float(np.mean([s["acc"] for s in scores])) if scores else float("nan"),
+            "acc_norm": float(np.mean([s["acc_norm"] for s in scores])) if scores and task.has_acc_norm else None,
+            "n": len(docs),
+            "kv_full": kv_full,
+            "kv_kept": kv_kept,
+            "kv_reduction": 1.0 - kv_kept / kv_full if kv_full else 0.0,
+            "seconds": seconds,
+            "compile_seconds": compile_s,
+            **extra,
+        }
+        lls_out[mode] = [[float(x) for x in ll] for ll in lls]
+    base = next((result["modes"][m]["seconds"] for m in ("no-cache", "ansan") if m in result["modes"]), None)
+    if base is not None and "anchor-cache" in result["modes"]:
+        ac_s = result["modes"]["anchor-cache"]["seconds"]
+        result["time_ratio_no_cache_over_anchor_cache"] = base / ac_s if ac_s > 0 else None
+    return result, lls_out
+
+
+def parse_modes(spec: str) -> list[str]:
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+    if not modes:
+        raise ValueError(f"--mode is empty; pass one or more of {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def parse_shots(spec: str) -> list[int]:
+    try:
+        shots = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--shots {spec!r} must be an integer or a comma-separated list of integers") from None
+    if not shots or any(k < 0 for k in shots):
+        raise ValueError(f"--shots {spec!r} must hold integers >= 0")
+    return shots
+
+
+def check_shots(names: Sequence[str], shots: Sequence[int]) -> None:
+    """Fail before any model work when a task has fewer demonstrations than asked for."""
+    for name in names:
+        task = tasks.load_task(name)
+        for k in shots:
+            tasks.fewshot(task, k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+
+
+def markdown_table(results: dict) -> str:
+    lines = []
+    for shots, per_task in results["results"].items():
+        modes = results["modes"]
+        lines += [
+            f"### {shots}-shot",
+            "",
+            "| task | mode | n | acc | acc_norm | kv_full | kv_kept | kv_reduction % | seconds | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in per_task.items():
+            for m in modes:
+                s = r["modes"][m]
+                lines.append(
+                    f"| {name} | {m} | {s['n']} | {_fmt(s['acc'], True)} | {_fmt(s['acc_norm'], True)} | "
+                    f"{s['kv_full']} | {s['kv_kept']} | {_fmt(s['kv_reduction'], True)} | "
+                    f"{s['seconds']:.1f} | {s['compile_seconds']:.1f} |"
+                )
+        for m in modes:
+            accs = [r["modes"][m]["acc"] for r in per_task.values()]
+            lines.append(f"| **average** | {m} | | {_fmt(float(np.mean(accs)), True)} | | | | | | |")
+        ratios = {n: r.get("time_ratio_no_cache_over_anchor_cache") for n, r in per_task.items()}
+        if any(v is not None for v in ratios.values()):
+            lines += ["", "| task | time no-cache / anchor-cache |", "|---|---|"]
+            lines += [f"| {n} | {_fmt(v)} |" for n, v in ratios.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(results["results"].items())
+    fig, axes = plt.subplots(len(runs), 2, figsize=(13, 3.6 * len(runs)), squeeze=False)
+    modes = results["modes"]
+    width = 0.8 / len(modes)
+    for row, (shots, per_task) in enumerate(runs):
+        names = list(per_task)
+        x = np.arange(len(names))
+        for k, m in enumerate(modes):
+            acc = [100 * per_task[n]["modes"][m]["acc"] for n in names]
+            red = [100 * per_task[n]["modes"][m]["kv_reduction"] for n in names]
+            axes[row, 0].bar(x + k * width, acc, width, label=m)
+            axes[row, 1].bar(x + k * width, red, width, label=m)
+        for col, title in enumerate(("accuracy (acc, %)", "KV cache reduction (%)")):
+            ax = axes[row, col]
+            ax.set_title(f"{shots}-shot: {title}")
+            ax.set_xticks(x + 0.4 - width / 2, names, rotation=30, ha="right")
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _device() -> str:
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+    return f"{d.platform}: {d.device_kind} x{jax.device_count()}"
+
+
+def run(
+    model: Llama,
+    tokenizer,
+    task_names: Sequence[str],
+    shots: Sequence[int],
+    modes: Sequence[str],
+    limit: int | None = None,
+    ac_sentences: bool = False,
+    token_budget: int = 2048,
+    batch_size: int = 16,
+    progress: bool = True,
+    checkpoint: str = "",
+) -> tuple[dict, dict]:
+    """Evaluate every task at every shot count in every mode. Returns (results, log-likelihoods)."""
+    check_shots(task_names, shots)
+    results = {
+        "checkpoint": checkpoint,
+        "commit": _commit(),
+        "device": _device(),
+        "jax": jax.__version__,
+        "dtype": model.cfg.dtype,
+        "anchor_mode": model.cfg.anchor_mode,
+        "anchor_ids": list(model.cfg.anchor_ids),
+        "modes": list(modes),
+        "shots": list(shots),
+        "limit": limit,
+        "fewshot_seed": tasks.FEWSHOT_SEED,
+        "ac_sentences": ac_sentences,
+        "results": {},
+    }
+    lls: dict = {}
+    for k in shots:
+        results["results"][str(k)], lls[str(k)] = {}, {}
+        for name in task_names:
+            r, ll = evaluate_task(
+                model, tokenizer, name, k, modes, limit, ac_sentences, token_budget, batch_size, progress
+            )
+            results["results"][str(k)][name], lls[str(k)][name] = r, ll
+            summary = ", ".join(f"{m} acc {100 * s['acc']:.1f} ({s['seconds']:.1f}s)" for m, s in r["modes"].items())
+            print(f"[{k}-shot] {name} n={r['n']}: {summary}", file=sys.stderr)
+    return results, lls
+
+
+def write_outputs(results: dict, lls: dict, output: str) -> Path:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "loglikelihoods.json").write_text(json.dumps(lls))
+    (out / "results.md").write_text(markdown_table(results))
+    plot(results, out / "results.png")
+    return out
+
+
+def _load(checkpoint: str, dtype: str):
+    from anllm_jax import checkpoints
+
+    model, tokenizer = checkpoints.load(checkpoint, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint} has no tokenizer files; save the checkpoint with its tokenizer")
+    return model, tokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m anllm_jax.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="HF dir, GGUF file, native dir, or 'smollm2' (packaged)")
+    p.add_argument("--tasks", default="all", help=f"'all' or a comma-separated list of {', '.join(tasks.TASKS)}")
+    p.add_argument("--shots", default="0", help="demonstrations per question, e.g. 5 or 0,5")
+    p.add_argument("--mode", default="full", help=f"comma-separated modes: {', '.join(MODES)}")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--output", default="eval_results", help="folder for results.json/.md/.png")
+    p.add_argument(
+        "--anchors",
+        choices=("ep", "ac"),
+        default=None,
+        help="anchor mode to use when the model has none (default ep: '.' tokens are anchors)",
+    )
+    p.add_argument("--ac-sentences", action="store_true", help="ac models: <AC> after every demonstration sentence")
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+    p.add_argument("--token-budget", type=int, default=2048, help="padded tokens per batch in full/ansan modes")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per batch in anchor-cache mode")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        names = tasks.resolve_tasks(args.tasks)
+        modes = parse_modes(args.mode)
+        shots = parse_shots(args.shots)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        check_shots(names, shots)
+        model, tokenizer = _load(args.checkpoint, args.dtype)
+        needs_anchors = any(m != "full" for m in modes)
+        if args.anchors and args.anchors != model.cfg.anchor_mode or needs_anchors and model.cfg.anchor_mode == "full":
+            from anllm_jax import checkpoints
+
+            model = checkpoints.set_anchor_mode(model, tokenizer, args.anchors or "ep")
+            print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}", file=sys.stderr)
+        if args.ac_sentences and model.cfg.anchor_mode != "ac":
+            raise ValueError("--ac-sentences needs an ac model (with the <AC> token); drop it or pass an ac checkpoint")
+        results, lls = run(
+            model,
+            tokenizer,
+            names,
+            shots,
+            modes,
+            args.limit,
+            args.ac_sentences,
+            args.token_budget,
+            args.batch_size,
+            not args.no_progress,
+            args.checkpoint,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = write_outputs(results, lls, args.output)
+    print(markdown_table(results))
+    print(f"wrote {out}/results.json, results.md, results.png, loglikelihoods.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
