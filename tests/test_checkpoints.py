@@ -154,7 +154,7 @@ def _write_gguf(path: str, torch_model: LlamaForCausalLM, sp_path: str, arch: st
     w.add_token_list([sp.id_to_piece(i) for i in range(n)])
     w.add_token_scores([sp.get_score(i) for i in range(n)])
     types = [
-        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 4 if sp.is_unused(i) else 1
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
         for i in range(n)
     ]
     w.add_token_types(types)
