@@ -31,32 +31,53 @@ from anllm_jax.kvcache import KVCache
 from anllm_jax.model import Llama, _write_rows
 
 _MIN_BUCKET = 16
-_CAPACITY_MULTIPLE = 16
+_CAPACITY_MULTIPLE = 64
 
 
+_MAX_STOP_IDS = 16
+
+
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Static sampling settings (each distinct value compiles its own decode loop).
+    """Sampling settings. Only max_new_tokens and greedy are static (compile a new loop); temperature,
+    top_k (0: off), top_p (1.0: off) and stop_ids (int32 [16], -1 unused) are data. Build with `sampling()`."""
 
-    temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. The returned log-probs are the
-    model's own (unfiltered, temperature 1) log-probabilities of the chosen tokens.
-    """
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    stop_ids: jax.Array
+    max_new_tokens: int = dataclasses.field(metadata={"static": True})
+    greedy: bool = dataclasses.field(metadata={"static": True})
 
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop_ids: tuple[int, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 switches it off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 switches it off)")
+def sampling(
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+) -> Sampling:
+    """Checked sampling settings; temperature 0 is greedy."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 switches it off)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 switches it off)")
+    stop = sorted({int(i) for i in stop_ids})
+    if len(stop) > _MAX_STOP_IDS:
+        raise ValueError(f"{len(stop)} stop ids given; at most {_MAX_STOP_IDS} are supported")
+    return Sampling(
+        temperature=jnp.float32(temperature),
+        top_k=jnp.int32(top_k),
+        top_p=jnp.float32(top_p),
+        stop_ids=jnp.asarray(stop + [-1] * (_MAX_STOP_IDS - len(stop)), jnp.int32),
+        max_new_tokens=int(max_new_tokens),
+        greedy=temperature == 0.0,
+    )
 
 
 @dataclasses.dataclass
@@ -157,7 +178,7 @@ def _extend_jit(graphdef, state, cache, tokens_BT, n_new_B, output: str):
     return logits_BTV, cache
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",), static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,))
 def _score_jit(graphdef, state, cache, tokens_BT, n_new_B, first_logits_BV):
     """Log-probs [B, T] of every token given everything before it, and whether it was the argmax."""
     logits_BTV, _ = _extend(nnx.merge(graphdef, state), cache, tokens_BT, n_new_B)
@@ -185,21 +206,19 @@ def _recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids):
 def _sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
     """Next tokens [B] and their log-probs under the unfiltered model distribution."""
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    if s.temperature == 0.0:
+    if s.greedy:
         tok_B = jnp.argmax(logits_BV, axis=-1)
     else:
+        V = logits_BV.shape[-1]
         x_BV = logits_BV / s.temperature
-        if s.top_k > 0:
-            kth_B1 = jax.lax.top_k(x_BV, min(s.top_k, x_BV.shape[-1]))[0][:, -1:]
-            x_BV = jnp.where(x_BV < kth_B1, -jnp.inf, x_BV)
-        if s.top_p < 1.0:
-            desc_BV = -jnp.sort(-x_BV, axis=-1)
-            p_BV = jax.nn.softmax(desc_BV, axis=-1)
-            # Keep the smallest prefix of the sorted tokens whose mass reaches top_p (at least one token).
-            n_keep_B = jnp.sum(jnp.cumsum(p_BV, axis=-1) - p_BV < s.top_p, axis=-1)
-            cut_B1 = jnp.take_along_axis(desc_BV, (n_keep_B - 1)[:, None], axis=-1)
-            x_BV = jnp.where(x_BV < cut_B1, -jnp.inf, x_BV)
-        tok_B = jax.random.categorical(key, x_BV, axis=-1)
+        desc_BV = -jnp.sort(-x_BV, axis=-1)
+        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
+        desc_BV = jnp.where(jnp.arange(V) < k, desc_BV, -jnp.inf)
+        p_BV = jax.nn.softmax(desc_BV, axis=-1)
+        # Keep the smallest prefix of the top-k tokens whose mass reaches top_p (at least one token).
+        n_keep_B = jnp.sum(jnp.cumsum(p_BV, axis=-1) - p_BV < s.top_p, axis=-1)
+        cut_B1 = jnp.take_along_axis(desc_BV, (n_keep_B - 1)[:, None], axis=-1)
+        tok_B = jax.random.categorical(key, jnp.where(x_BV < cut_B1, -jnp.inf, x_BV), axis=-1)
     tok_B = tok_B.astype(jnp.int32)
     return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
 
@@ -211,8 +230,7 @@ def _decode_loop(step: Callable, room: Callable, carry, last_logits_BV: jax.Arra
     -> bool[B] says whether a row can take one more entry. A row that runs out of room stops ("cache_full").
     """
     B, N = last_logits_BV.shape[0], s.max_new_tokens
-    stop_ids = jnp.asarray(s.stop_ids, jnp.int32)
-    is_stop = lambda t_B: jnp.any(t_B[:, None] == stop_ids, axis=-1)
+    is_stop = lambda t_B: jnp.any(t_B[:, None] == s.stop_ids, axis=-1)
     tok_B, lp_B = _sample(last_logits_BV, jax.random.fold_in(key, 0), s)
     out_tok_BN = jnp.full((B, N), -1, jnp.int32).at[:, 0].set(tok_B)
     out_lp_BN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)
@@ -238,7 +256,7 @@ def _decode_loop(step: Callable, room: Callable, carry, last_logits_BV: jax.Arra
     return carry, out_tok_BN, out_lp_BN, full_B
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("cache",))
 def _decode_cached_jit(graphdef, state, cache, last_logits_BV, key, s: Sampling):
     model = nnx.merge(graphdef, state)
 
@@ -251,7 +269,7 @@ def _decode_cached_jit(graphdef, state, cache, last_logits_BV, key, s: Sampling)
     return _decode_loop(step, room, cache, last_logits_BV, key, s)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+@functools.partial(jax.jit, static_argnums=(0, 7))
 def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s: Sampling, anchor_ids):
     model = nnx.merge(graphdef, state)
 
@@ -298,7 +316,7 @@ def prefill(
     tokens: lists of ids, or a padded [B, T] array with `lengths` (padding on `padding_side`). Prompts are
     padded to a power-of-two bucket, or cut into chunks of `chunk_size` tokens (exact: each chunk attends to
     the cache left by the previous ones). capacity: slots per row (default: what the prompts need plus
-    `reserve`, rounded up to a multiple of 16); too small a capacity is an error, never a silent overwrite.
+    `reserve`, rounded up to a multiple of 64); too small a capacity is an error, never a silent overwrite.
     """
     anchor_ids = anchor_ids_of(model, anchor_mode)
     kvcache.check_policy(policy, anchor_ids)
@@ -312,7 +330,8 @@ def prefill(
     width = _round_up(longest, chunk)
     tokens_BT = np.pad(tokens_BT[:, :width], ((0, 0), (0, width - min(width, tokens_BT.shape[1]))))
     need = prefill_capacity(tokens_BT, lengths_B, anchor_ids, policy, chunk)
-    need = max(need, max(kvcache.kept_after(r[:n], anchor_ids, policy) for r, n in zip(tokens_BT, lengths_B)) + reserve)
+    kept = max(kvcache.kept_after(r[:n], anchor_ids, policy) for r, n in zip(tokens_BT, lengths_B, strict=True))
+    need = max(need, kept + reserve)
     if capacity is None:
         capacity = _round_up(need, _CAPACITY_MULTIPLE)
     elif capacity < need:
@@ -372,7 +391,9 @@ def score_continuations(
     if any(len(r) == 0 for r in rows):
         raise ValueError("every continuation needs at least one token")
     graphdef, state = nnx.split(model)
-    first_BV = jnp.broadcast_to(jnp.reshape(prefix_logits, (1, -1)), (min(batch_size, len(rows)), -1))
+    first_BV = jnp.broadcast_to(
+        jnp.reshape(prefix_logits, (1, -1)), (min(batch_size, len(rows)), prefix_logits.shape[-1])
+    )
     prefix_len = int(jax.device_get(prefix_cache.length)[0])
     logprobs, greedy = [], []
     for lo in range(0, len(rows), batch_size):
@@ -427,7 +448,7 @@ def generate(
         ids = tokenizer.encode(s)
         if len(ids) == 1:
             stop_ids.append(ids[0])
-    sampling = Sampling(max_new_tokens, float(temperature), int(top_k), float(top_p), tuple(sorted(set(stop_ids))))
+    settings = sampling(max_new_tokens, temperature, top_k, top_p, stop_ids)
     anchor_ids = anchor_ids_of(model, anchor_mode)
     kvcache.check_policy(policy, anchor_ids)
     key = jax.random.key(seed)
@@ -435,15 +456,16 @@ def generate(
     t0 = time.perf_counter()
     if policy == "none":
         tokens_BT, lengths_B = _as_batch(prompts, lengths, padding_side)
-        W = capacity or _round_up(int(lengths_B.max()) + max_new_tokens, _MIN_BUCKET)
-        if W < int(lengths_B.max()) + 1:
-            raise ValueError(f"capacity={W} cannot hold the prompts ({int(lengths_B.max())} tokens) plus one more")
+        longest = int(lengths_B.max())
+        W = capacity or _round_up(longest + max_new_tokens, _MIN_BUCKET)
+        if longest >= W:
+            raise ValueError(f"capacity={W} cannot hold the prompts ({longest} tokens) plus one more; raise it")
         buf_BW = jnp.asarray(np.pad(tokens_BT[:, :W], ((0, 0), (0, max(0, W - tokens_BT.shape[1])))))
         len_B = jnp.asarray(lengths_B)
         last_BV = jax.block_until_ready(_recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids))
         t1 = time.perf_counter()
         cache = None
-        out = _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_BV, key, sampling, anchor_ids)
+        out = _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_BV, key, settings, anchor_ids)
         out_tok_BN, out_lp_BN, full_B = jax.device_get(out[1:])
     else:
         cache, last_BV = prefill(
@@ -459,7 +481,7 @@ def generate(
         )
         jax.block_until_ready(last_BV)
         t1 = time.perf_counter()
-        cache, out_tok_BN, out_lp_BN, full_B = _decode_cached_jit(graphdef, state, cache, last_BV, key, sampling)
+        cache, out_tok_BN, out_lp_BN, full_B = _decode_cached_jit(graphdef, state, cache, last_BV, key, settings)
         out_tok_BN, out_lp_BN, full_B = jax.device_get((out_tok_BN, out_lp_BN, full_B))
     t2 = time.perf_counter()
     if on_overflow == "error" and full_B.any():
@@ -468,18 +490,19 @@ def generate(
             f"KV cache overflow in rows {rows}: capacity {capacity} slots is too small for this generation; "
             "pass a larger capacity, fewer max_new_tokens, or on_overflow='stop'"
         )
+    stop_set = set(stop_ids)
     tokens, logprobs, reasons = [], [], []
     for b in range(out_tok_BN.shape[0]):
         n = int(np.sum(out_tok_BN[b] >= 0))
         tokens.append(out_tok_BN[b, :n].tolist())
         logprobs.append(out_lp_BN[b, :n].tolist())
-        stopped = n > 0 and tokens[-1][-1] in sampling.stop_ids
+        stopped = n > 0 and tokens[-1][-1] in stop_set
         reasons.append("cache_full" if full_B[b] else "stop" if stopped else "length")
     text = None
     if tokenizer is not None:
         text = []
         for b, ids in enumerate(tokens):
-            t = tokenizer.decode([i for i in ids if i not in sampling.stop_ids])
+            t = tokenizer.decode([i for i in ids if i not in stop_set])
             cuts = [t.index(s) for s in stop_strings if s in t]
             if cuts:
                 t, reasons[b] = t[: min(cuts)], "stop"
