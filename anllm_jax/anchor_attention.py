@@ -33,6 +33,7 @@ DEFAULT_BLOCK = 128
 # up to block+1 tokens, the wide one sentences of up to 8 blocks.
 DEFAULT_TIERS = (1, 8)
 DEFAULT_Q_CHUNK = 1024
+KERNELS = ("jax", "pallas", "pallas_interpret")
 
 
 def default_capacity(T: int) -> int:
@@ -50,13 +51,15 @@ def anchor_attention(
     capacity: int | None = None,
     tiers: tuple[int, ...] = DEFAULT_TIERS,
     q_chunk: int = DEFAULT_Q_CHUNK,
+    kernel: str = "jax",
 ) -> jax.Array:
     """Self-attention under `masks.allowed(info, info)`; returns [B, T, N, H] in the dtype of the queries.
 
     q_BTNH [B, T, N, H]; k_BTKH, v_BTKH [B, T, K, H] with N a multiple of K; `info` a TokenInfo [B, T].
     `block`: query/key block length. `capacity`: anchor slots per row (default `default_capacity(T)`).
     `tiers`: numbers of previous key blocks in the local window, tried in order. `q_chunk`: queries per
-    scan step (rounded to whole blocks). All are static; any input is computed exactly.
+    scan step (rounded to whole blocks). `kernel`: "jax", or "pallas" (GPU) / "pallas_interpret" (CPU) to run
+    the forward of the one-previous-block tier as a Pallas kernel. All are static; any input is computed exactly.
     """
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
@@ -67,6 +70,13 @@ def anchor_attention(
         )
     if info.order.shape != (B, T):
         raise ValueError(f"TokenInfo must be [B, T] = {(B, T)}, got {info.order.shape}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel != "jax" and (tiers[0] != 1 or block & (block - 1) or (q_BTNH.shape[-1] & (q_BTNH.shape[-1] - 1))):
+        raise ValueError(
+            f"the Pallas kernel needs tiers starting with 1 and power-of-two block and head_dim; got tiers={tiers}, "
+            f"block={block}, head_dim={q_BTNH.shape[-1]}"
+        )
     if block < 1 or not tiers or min(tiers) < 1:
         raise ValueError(f"block={block} and tiers={tiers} must be positive (e.g. block=128, tiers=(1, 8))")
     capacity = default_capacity(T) if capacity is None else capacity
@@ -77,7 +87,7 @@ def anchor_attention(
     Tp = n_chunks * per_chunk * block
 
     q, k, v, info_p = _pad(q_BTNH, k_BTKH, v_BTKH, info, Tp)
-    o = _core(q, k, v, info_p, block, per_chunk, capacity, tuple(tiers))[:, :T]
+    o = _core(q, k, v, info_p, block, per_chunk, capacity, tuple(tiers), kernel)[:, :T]
     # Rows without any allowed key: the uniform average of every value, as the dense reference gives.
     v_mean = jnp.mean(v_BTKH.astype(jnp.float32), axis=1)  # [B, K, H]
     v_mean_BNH = jnp.repeat(v_mean, N // K, axis=1).astype(o.dtype)
@@ -399,22 +409,29 @@ def _chunk_lse(lse, n_chunks: int, n: int, C: int):
     return jnp.moveaxis(_chunks(lse, n_chunks, n, C), 3, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _core(q, k, v, info, block, per_chunk, capacity, tiers):
-    return _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _core(q, k, v, info, block, per_chunk, capacity, tiers, kernel):
+    return _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel)[0]
 
 
-def _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers):
+def _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel):
     tier = select_path(info, block, capacity, tiers)
     branches = [
         functools.partial(_windowed_fwd, C=block, n=per_chunk, capacity=capacity, n_prev=n_prev) for n_prev in tiers
     ]
     branches.append(functools.partial(_all_keys_fwd, C=block))
+    if kernel != "jax":
+        # Imported here so that the pure-JAX path does not load Pallas.
+        from anllm_jax.kernels import anchor_pallas
+
+        branches[0] = functools.partial(
+            anchor_pallas.windowed_fwd, C=block, capacity=capacity, interpret=kernel == "pallas_interpret"
+        )
     o, lse = jax.lax.switch(tier, branches, q, k, v, info)
     return o, (q, k, v, info, lse, tier)
 
 
-def _core_bwd(block, per_chunk, capacity, tiers, res, do):
+def _core_bwd(block, per_chunk, capacity, tiers, kernel, res, do):
     q, k, v, info, lse, tier = res
     branches = [
         functools.partial(_windowed_bwd, C=block, n=per_chunk, capacity=capacity, n_prev=n_prev) for n_prev in tiers

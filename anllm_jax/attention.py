@@ -29,12 +29,13 @@ def attend(
         return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
     if impl == "cudnn":
         return _cudnn(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
-    if impl == "anchor":
+    if impl in ("anchor", "anchor_pallas"):
         # The sparse path serves self-attention; queries against a KV cache take the dense path.
         if q_info is k_info and q_BTNH.shape[1] == k_BSKH.shape[1]:
-            return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info)
+            kernel = "pallas" if impl == "anchor_pallas" else "jax"
+            return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel)
         return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
-    raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn or anchor")
+    raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn, anchor or anchor_pallas")
 
 
 def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from anllm_jax.data import DataConfig
 
 ANCHOR_MODES = ("full", "ep", "ac")
-ATTENTION_IMPLS = ("xla", "cudnn", "anchor")
+ATTENTION_IMPLS = ("xla", "cudnn", "anchor", "anchor_pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 

@@ -90,14 +90,14 @@ def _info(toks, segs):
     return masks.token_info(jnp.asarray(toks), jnp.array([ANCHOR]), PAD, None if segs is None else jnp.asarray(segs))
 
 
-def _loss_and_grads(impl, q, k, v, w, info):
+def _loss_and_grads(kernel, q, k, v, w, info):
     def loss(q, k, v):
-        if impl == "anchor":
-            o = anchor_attention.anchor_attention(
-                q, k, v, info, block=BLOCK, capacity=CAPACITY, tiers=TIERS, q_chunk=Q_CHUNK
-            )
-        else:
+        if kernel == "dense":
             o = attention._xla(q, k, v, masks.allowed(info, info))
+        else:
+            o = anchor_attention.anchor_attention(
+                q, k, v, info, block=BLOCK, capacity=CAPACITY, tiers=TIERS, q_chunk=Q_CHUNK, kernel=kernel
+            )
         return jnp.sum(o.astype(jnp.float32) * w), o
 
     (_, o), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -105,8 +105,8 @@ def _loss_and_grads(impl, q, k, v, w, info):
 
 
 @functools.cache
-def _compiled(impl):
-    return jax.jit(functools.partial(_loss_and_grads, impl))
+def _compiled(kernel):
+    return jax.jit(functools.partial(_loss_and_grads, kernel))
 
 
 def _inputs(dtype, seed=0):
@@ -125,14 +125,38 @@ def _rel_err(got, want):
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_outputs_and_gradients_match_dense(name, dtype, tol):
+    _check_against_dense(name, dtype, tol, "jax")
+
+
+@pytest.mark.parametrize("name", ["short_sentences", "padding", "packed_documents", "too_many_anchors"])
+def test_pallas_kernel_matches_dense(name):
+    """The Pallas forward (interpret mode on CPU) on the one-previous-block tier; other paths stay in JAX."""
+    _check_against_dense(name, jnp.float32, 1e-5, "pallas_interpret")
+
+
+def test_pallas_kernel_lowers_to_triton():
+    """The kernel at benchmark tile sizes (block 128, head_dim 128, bf16) lowers to a Triton GPU call."""
+    from anllm_jax.kernels import anchor_pallas
+
+    Tk, Hk = 512, 128
+    info = _info(np.full((1, Tk), 9), None)
+    q = jnp.zeros((1, Tk, 4, Hk), jnp.bfloat16)
+    k = jnp.zeros((1, Tk, 2, Hk), jnp.bfloat16)
+    f = jax.jit(functools.partial(anchor_pallas.windowed_fwd, C=128, capacity=128))
+    triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[triton_call])(q, k, k, info)
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+def _check_against_dense(name, dtype, tol, kernel):
     toks, segs, path = _layout(name)
     info = _info(toks, segs)
     assert int(anchor_attention.select_path(info, BLOCK, CAPACITY, TIERS)) == path
     q, k, v, w = _inputs(dtype)
-    o, grads = _compiled("anchor")(q, k, v, w, info)
+    o, grads = _compiled(kernel)(q, k, v, w, info)
     # The reference always in float32 from the same (rounded) inputs.
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    o_ref, grads_ref = _compiled("xla")(*f32, w, info)
+    o_ref, grads_ref = _compiled("dense")(*f32, w, info)
     assert o.dtype == dtype
     assert _rel_err(o, o_ref) <= tol, "output"
     for g, g_ref, which in zip(grads, grads_ref, "qkv", strict=True):

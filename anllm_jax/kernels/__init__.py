@@ -1,0 +1,1 @@
+"""Accelerator kernels (Pallas) for attention paths of anllm_jax."""
