@@ -2,8 +2,9 @@
 
 Paths: cudnn_causal (plain causal flash attention, the speed to beat), cudnn_mask (cuDNN with the dense
 anchor mask), xla_dense (the float32-softmax reference under the anchor mask), anchor (the sparse exact
-path, anllm_jax.anchor_attention). Inputs: B rows of random sentences of 8-40 tokens, each ending with an
-anchor.
+path, anllm_jax.anchor_attention, pure JAX), anchor_pallas (the same with its Pallas forward kernel; GPU,
+or interpret mode on CPU when named with --paths). Inputs: B rows of random sentences of 8-40 tokens, each
+ending with an anchor.
 
 FLOP accounting (two columns): `causal` counts 4*B*N*H * T(T+1)/2 per forward, the work of causal
 attention, so it is comparable across paths and with published flash-attention figures; `mask` counts
@@ -37,7 +38,8 @@ import numpy as np  # noqa: E402
 from anllm_jax import anchor_attention, attention, masks  # noqa: E402
 
 ANCHOR = 1
-PATHS = ("cudnn_causal", "cudnn_mask", "xla_dense", "anchor")
+PATHS = ("cudnn_causal", "cudnn_mask", "xla_dense", "anchor", "anchor_pallas")
+GPU_ONLY = ("cudnn_causal", "cudnn_mask", "anchor_pallas")
 
 
 def sentence_tokens(rng: np.random.Generator, B: int, T: int, lo: int, hi: int) -> np.ndarray:
@@ -59,6 +61,9 @@ def attention_fn(path: str, info: masks.TokenInfo):
         return lambda q, k, v: attention._xla(q, k, v, masks.allowed(info, info))
     if path == "anchor":
         return lambda q, k, v: anchor_attention.anchor_attention(q, k, v, info)
+    if path == "anchor_pallas":
+        kernel = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
+        return lambda q, k, v: anchor_attention.anchor_attention(q, k, v, info, kernel=kernel)
     raise ValueError(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
 
 
@@ -123,7 +128,7 @@ def run_one(path: str, B: int, T: int, N: int, K: int, H: int, dtype, iters: int
         "dtype": jnp.dtype(dtype).name,
         "mask_density": allowed_entries / (B * T * T),
     }
-    if path == "anchor":
+    if path.startswith("anchor"):
         cap = anchor_attention.default_capacity(T)
         row["anchor_path"] = int(
             anchor_attention.select_path(info, anchor_attention.DEFAULT_BLOCK, cap, anchor_attention.DEFAULT_TIERS)
@@ -198,10 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     backend = jax.default_backend()
     if a.quick:
         lengths, B, N, H, dtype, iters = (512, 1024, 2048), 1, 4, 64, "float32", 3
-        paths = [x for x in PATHS if not x.startswith("cudnn")]
+        paths = [x for x in PATHS if x not in GPU_ONLY]
     else:
         lengths, B, N, H, dtype, iters = (2048, 4096, 8192, 16384, 32768), 4, 32, 128, "bfloat16", 10
-        paths = list(PATHS) if backend == "gpu" else [x for x in PATHS if not x.startswith("cudnn")]
+        paths = list(PATHS) if backend == "gpu" else [x for x in PATHS if x not in GPU_ONLY]
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else lengths
     paths = a.paths.split(",") if a.paths else paths
     for x in paths:
