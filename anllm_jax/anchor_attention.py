@@ -59,7 +59,7 @@ def anchor_attention(
     `block`: query/key block length. `capacity`: anchor slots per row (default `default_capacity(T)`).
     `tiers`: numbers of previous key blocks in the local window, tried in order. `q_chunk`: queries per
     scan step (rounded to whole blocks). `kernel`: "jax", or "pallas" (GPU) / "pallas_interpret" (CPU) to run
-    the forward of the one-previous-block tier as a Pallas kernel. All are static; any input is computed exactly.
+    the one-previous-block tier (forward and backward) as Pallas kernels. All are static; any input is computed exactly.
     """
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
@@ -421,24 +421,33 @@ def _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel):
     ]
     branches.append(functools.partial(_all_keys_fwd, C=block))
     if kernel != "jax":
-        # Imported here so that the pure-JAX path does not load Pallas.
-        from anllm_jax.kernels import anchor_pallas
-
         branches[0] = functools.partial(
-            anchor_pallas.windowed_fwd, C=block, capacity=capacity, interpret=kernel == "pallas_interpret"
+            _pallas().windowed_fwd, C=block, capacity=capacity, interpret=kernel == "pallas_interpret"
         )
     o, lse = jax.lax.switch(tier, branches, q, k, v, info)
-    return o, (q, k, v, info, lse, tier)
+    return o, (q, k, v, info, o, lse, tier)
 
 
 def _core_bwd(block, per_chunk, capacity, tiers, kernel, res, do):
-    q, k, v, info, lse, tier = res
+    q, k, v, info, o, lse, tier = res
     branches = [
         functools.partial(_windowed_bwd, C=block, n=per_chunk, capacity=capacity, n_prev=n_prev) for n_prev in tiers
     ]
     branches.append(functools.partial(_all_keys_bwd, C=block))
+    if kernel != "jax":
+        pallas_bwd = functools.partial(
+            _pallas().windowed_bwd, C=block, capacity=capacity, interpret=kernel == "pallas_interpret"
+        )
+        branches[0] = lambda q, k, v, info, lse, do: pallas_bwd(q, k, v, info, o, lse, do)
     dq, dk, dv = jax.lax.switch(tier, branches, q, k, v, info, lse, do)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+def _pallas():
+    # Imported on first use so that the pure-JAX path does not load Pallas.
+    from anllm_jax.kernels import anchor_pallas
+
+    return anchor_pallas
 
 
 _core.defvjp(_core_fwd, _core_bwd)

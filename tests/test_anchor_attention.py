@@ -130,22 +130,33 @@ def test_outputs_and_gradients_match_dense(name, dtype, tol):
 
 @pytest.mark.parametrize("name", ["short_sentences", "padding", "packed_documents", "too_many_anchors"])
 def test_pallas_kernel_matches_dense(name):
-    """The Pallas forward (interpret mode on CPU) on the one-previous-block tier; other paths stay in JAX."""
+    """The Pallas kernels (interpret mode on CPU) on the one-previous-block tier; other paths stay in JAX."""
     _check_against_dense(name, jnp.float32, 1e-5, "pallas_interpret")
 
 
-def test_pallas_kernel_lowers_to_triton():
-    """The kernel at benchmark tile sizes (block 128, head_dim 128, bf16) lowers to a Triton GPU call."""
-    from anllm_jax.kernels import anchor_pallas
-
+def test_pallas_kernels_lower_to_triton():
+    """Forward and backward at benchmark tile sizes (block 128, head_dim 128, bf16) lower to Triton GPU calls."""
     Tk, Hk = 512, 128
     info = _info(np.full((1, Tk), 9), None)
     q = jnp.zeros((1, Tk, 4, Hk), jnp.bfloat16)
     k = jnp.zeros((1, Tk, 2, Hk), jnp.bfloat16)
-    f = jax.jit(functools.partial(anchor_pallas.windowed_fwd, C=128, capacity=128))
+
+    def loss(q, k, v):
+        o = anchor_attention.anchor_attention(q, k, v, info, kernel="pallas")
+        return jnp.sum(o.astype(jnp.float32))
+
     triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[triton_call])(q, k, k, info)
-    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=[triton_call]
+    )(q, k, k)
+    module = exported.mlir_module()
+    for name in (
+        "anchor_attention_fwd",
+        "anchor_attention_dq",
+        "anchor_attention_dkv_window",
+        "anchor_attention_dkv_anchors",
+    ):
+        assert f'name = "{name}"' in module, name
 
 
 def _check_against_dense(name, dtype, tol, kernel):

@@ -1,11 +1,12 @@
-"""Pallas (Triton-style GPU) forward kernel of the sparse AnSAN attention, for the one-previous-block window.
+"""Pallas (Triton-style GPU) kernels of the sparse AnSAN attention, for the one-previous-block window tier.
 
-One program per (query block, row, head): with an online softmax, it attends the C queries to their window
-(previous and own key block, same-sentence keys) and then to the gathered anchors in blocks of
-`ANCHOR_BLOCK`, stopping after the last anchor that precedes the query block. Masks come from
-`masks.allowed` on the loaded blocks, split by `seg` equality as in `anchor_attention`. Returns the output
-and the log-sum-exp that the backward pass of `anchor_attention` recomputes from. Runs on CPU with
-`interpret=True`.
+Forward: one program per (query block, row, head) attends the C queries, with an online softmax, to their
+window (previous and own key block, same-sentence keys) and then to the gathered anchors in blocks of
+`ANCHOR_BLOCK`, stopping after the last anchor that precedes the query block; it returns the output and the
+log-sum-exp. Backward: dq per query block, dk/dv per key block and per anchor block, recomputing the
+probabilities from the log-sum-exp. Masks come from `masks.allowed` on the loaded blocks, split by `seg`
+equality as in `anchor_attention`, which selects these kernels only where the tier is exact. Runs on CPU
+with `interpret=True`.
 """
 
 from __future__ import annotations
@@ -123,3 +124,154 @@ def windowed_fwd(q, k, v, info: masks.TokenInfo, *, C: int, capacity: int, inter
         name="anchor_attention_fwd",
     )(n_blocks.astype(jnp.int32), q, kf, vf, ka, va, *_int_fields(info), *_int_fields(info_f), *_int_fields(ia))
     return o, jnp.swapaxes(lse_BNT, 1, 2).reshape(B, Tp, K, G)
+
+
+def _probs(q, qi, k, ki, lse, same_seg: bool, scale: float):
+    """Probabilities [Cq, Ck] of a query block against a key block, recomputed from the log-sum-exp."""
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+    seg_eq = qi.seg[0][:, None] == ki.seg[0][None, :]
+    mask = masks.allowed(qi, ki).reshape(s.shape) & (seg_eq if same_seg else ~seg_eq)
+    return jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+
+
+def _dq_kernel(n_blocks_ref, q_ref, do_ref, lse_ref, delta_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C, scale):
+    q_refs, f_refs, a_refs = refs[0:5], refs[5:10], refs[10:15]
+    (dq_ref,) = refs[15:]
+    i, b = pl.program_id(0), pl.program_id(1)
+    q, do, lse, delta, qi = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], _info(q_refs)
+
+    def update(dq, k, v, ki, same_seg):
+        p = _probs(q, qi, k, ki, lse, same_seg, scale)
+        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[:, None]) * scale).astype(k.dtype)
+        return dq + jnp.dot(ds, k, preferred_element_type=jnp.float32)
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    for j in range(2):
+        sl = pl.ds((i + j) * C, C)
+        dq = update(dq, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True)
+
+    def anchor_block(j, dq):
+        sl = pl.ds(j * ANCHOR_BLOCK, ANCHOR_BLOCK)
+        return update(dq, ka_ref[sl, :], va_ref[sl, :], _info(a_refs, sl), False)
+
+    dq_ref[...] = jax.lax.fori_loop(0, n_blocks_ref[b, i], anchor_block, dq)
+
+
+def _dkv_kernel(q_lo_ref, q_hi_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, C, same_seg, scale):
+    """dk, dv of one key block (window keys, or anchors) from the query blocks q_lo..q_hi-1 that may see it."""
+    q_refs, k_refs = refs[0:5], refs[5:10]
+    dk_ref, dv_ref = refs[10:]
+    j, b = pl.program_id(0), pl.program_id(1)
+    k, v, ki = k_ref[...], v_ref[...], _info(k_refs)
+
+    def query_block(i, carry):
+        dk, dv = carry
+        sl = pl.ds(i * C, C)
+        q, do, lse, delta = q_ref[sl, :], do_ref[sl, :], lse_ref[sl], delta_ref[sl]
+        p = _probs(q, _info(q_refs, sl), k, ki, lse, same_seg, scale)
+        dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[:, None]) * scale).astype(q.dtype)
+        return dk + jnp.dot(ds.T, q, preferred_element_type=jnp.float32), dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(q_lo_ref[b, j], q_hi_ref[b, j], query_block, (zeros, zeros))
+    dk_ref[...], dv_ref[...] = dk, dv
+
+
+@functools.partial(jax.jit, static_argnames=("C", "capacity", "interpret"))
+def windowed_bwd(q, k, v, info: masks.TokenInfo, o, lse, do, *, C: int, capacity: int, interpret: bool = False):
+    """dq, dk, dv (float32) of `windowed_fwd` given its output `o`, log-sum-exp [B, Tp, K, G] and cotangent `do`.
+
+    Three kernels: dq per query block (window and anchors), dk/dv per window key block (from the query blocks
+    whose window holds it), dk/dv per anchor block (from every query block at or after its first anchor).
+    Key gradients are computed per query head and summed over each group of heads.
+    """
+    B, Tp, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    nb = Tp // C
+    slots = -(-capacity // ANCHOR_BLOCK) * ANCHOR_BLOCK
+    na = slots // ANCHOR_BLOCK
+    ka, va, ia, idx_BA = aa._gather_anchors(k, v, info, slots)
+    kf, vf, info_f = aa._front(k, C), aa._front(v, C), aa._front_info(info, C)
+    is_a = (info.anchor & info.valid).astype(jnp.int32)
+    n_blocks = -(-jnp.minimum(jnp.cumsum(is_a, axis=1)[:, C - 1 :: C], slots) // ANCHOR_BLOCK)
+    lse_BNT = jnp.swapaxes(lse.reshape(B, Tp, N), 1, 2)
+    delta_BNT = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
+    q_info, f_info, a_info = _int_fields(info), _int_fields(info_f), _int_fields(ia)
+    params = pl_triton.CompilerParams(num_warps=8 if H > 64 else 4, num_stages=2)
+
+    def row(length):
+        return pl.BlockSpec((None, length), lambda j, b, n: (b, 0))
+
+    def per_head(length, heads_per_kv):
+        return pl.BlockSpec((None, length, None, H), lambda j, b, n: (b, 0, n // heads_per_kv, 0))
+
+    def block_of(length, heads_per_kv):
+        return pl.BlockSpec((None, length, None, H), lambda j, b, n: (b, j, n // heads_per_kv, 0))
+
+    scalars = pl.BlockSpec((B, nb), lambda j, b, n: (0, 0))
+    lse_row = pl.BlockSpec((None, None, C), lambda j, b, n: (b, n, j))
+    lse_full = pl.BlockSpec((None, None, Tp), lambda j, b, n: (b, n, 0))
+    f32 = jnp.float32
+    (dq,) = pl.pallas_call(
+        functools.partial(_dq_kernel, C=C, scale=H**-0.5),
+        grid=(nb, B, N),
+        in_specs=[
+            scalars,
+            block_of(C, 1),
+            block_of(C, 1),
+            lse_row,
+            lse_row,
+            per_head(Tp + C, G),
+            per_head(Tp + C, G),
+            per_head(slots, G),
+            per_head(slots, G),
+            *[pl.BlockSpec((None, C), lambda j, b, n: (b, j))] * 5,
+            *[row(Tp + C)] * 5,
+            *[row(slots)] * 5,
+        ],
+        out_specs=[block_of(C, 1)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, f32)],
+        compiler_params=params,
+        interpret=interpret,
+        name="anchor_attention_dq",
+    )(n_blocks.astype(jnp.int32), q, do, lse_BNT, delta_BNT, kf, vf, ka, va, *q_info, *f_info, *a_info)
+
+    def dkv(q_lo, q_hi, kk, vv, k_info, n_key_blocks, key_len, same_seg, name):
+        out = jax.ShapeDtypeStruct((B, n_key_blocks * key_len, N, H), f32)
+        dk_BSNH, dv_BSNH = pl.pallas_call(
+            functools.partial(_dkv_kernel, C=C, same_seg=same_seg, scale=H**-0.5),
+            grid=(n_key_blocks, B, N),
+            in_specs=[
+                pl.BlockSpec((B, n_key_blocks), lambda j, b, n: (0, 0)),
+                pl.BlockSpec((B, n_key_blocks), lambda j, b, n: (0, 0)),
+                block_of(key_len, G),
+                block_of(key_len, G),
+                per_head(Tp, 1),
+                per_head(Tp, 1),
+                lse_full,
+                lse_full,
+                *[row(Tp)] * 5,
+                *[pl.BlockSpec((None, key_len), lambda j, b, n: (b, j))] * 5,
+            ],
+            out_specs=[block_of(key_len, 1)] * 2,
+            out_shape=[out, out],
+            compiler_params=params,
+            interpret=interpret,
+            name=name,
+        )(q_lo.astype(jnp.int32), q_hi.astype(jnp.int32), kk, vv, q, do, lse_BNT, delta_BNT, *q_info, *k_info)
+        shape = (B, n_key_blocks * key_len, K, G, H)
+        return dk_BSNH.reshape(shape).sum(3), dv_BSNH.reshape(shape).sum(3)
+
+    # Window keys: key block j is in the windows of query blocks j and j + 1.
+    blocks = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, nb))
+    dk, dv = dkv(blocks, jnp.minimum(blocks + 2, nb), k, v, q_info, nb, C, True, "anchor_attention_dkv_window")
+    # Anchors: seen from the query block of the block's first anchor on (empty blocks: no query block).
+    first = jnp.take_along_axis(idx_BA, jnp.arange(0, slots, ANCHOR_BLOCK)[None], axis=1) // C
+    last = jnp.full((B, na), nb)
+    dka, dva = dkv(first, last, ka, va, a_info, na, ANCHOR_BLOCK, False, "anchor_attention_dkv_anchors")
+    rows = jnp.arange(B)[:, None]
+    return dq, dk.at[rows, idx_BA].add(dka, mode="drop"), dv.at[rows, idx_BA].add(dva, mode="drop")
