@@ -514,7 +514,7 @@ def restore_train_state(
     cfg = load_train_config(str(run_dir / "config.yaml"))
     mcfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
     mesh = mesh or sharding.make_mesh(cfg.mesh)
-    shardings = _state_shardings(mcfg, make_optimizer(cfg.optimizer, cfg.steps), mesh, sharding.axis_rules(cfg.mesh))
+    shardings = abstract_state(mcfg, make_optimizer(cfg.optimizer, cfg.steps), mesh, sharding.axis_rules(cfg.mesh))
     ckpt = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), item_names=("state", "data"))
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -524,7 +524,7 @@ def restore_train_state(
     return mcfg, state
 
 
-def _state_shardings(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh: Any, rules: Any) -> dict[str, Any]:
+def abstract_state(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh: Any, rules: Any) -> dict[str, Any]:
     """Abstract train state (ShapeDtypeStruct with sharding) for the model config."""
     abstract = _abstract_params(mcfg)
     p_shard = sharding.param_shardings(abstract, mesh, rules)
@@ -542,6 +542,60 @@ def _state_shardings(mcfg: ModelConfig, tx: optax.GradientTransformation, mesh: 
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shape, "opt_state": opt_shape}
     shards = {"step": rep, "params": p_shard, "opt_state": opt_shard}
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
+
+
+def fresh_state(
+    mcfg: ModelConfig, tx: optax.GradientTransformation, abstract: dict[str, Any], seed: int, host_params: Any = None
+) -> dict[str, Any]:
+    """Train state on the mesh of `abstract`: `host_params` (or a seeded init made directly in its shards), a fresh
+    optimizer state and step 0."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    if host_params is None:
+        init = jax.jit(
+            lambda: nnx.to_pure_dict(nnx.split(Llama(mcfg, rngs=nnx.Rngs(params=seed)), nnx.Param)[1]),
+            out_shardings=shardings["params"],
+        )
+        params = init()
+    else:
+        params = _place(host_params, shardings["params"])
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step0 = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"step": step0, "params": params, "opt_state": opt_state}
+
+
+def compile_step(
+    graphdef: nnx.GraphDef,
+    mcfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    micro_batches: int,
+    abstract: dict[str, Any],
+    mesh: jax.sharding.Mesh,
+    rules: tuple[tuple[str, Any], ...],
+    batch_shape: tuple[int, int],
+) -> Any:
+    """The train step compiled once for the state's shardings and [G, T] batches split over the batch axes, with
+    the state donated; logs the compiled memory analysis."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    b_shard = sharding.batch_sharding(mesh, rules)
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.batch_axes(rules), None))
+    step_fn = make_train_step(graphdef, mcfg, tx, schedule, micro_batches, micro_sharding)
+    batch_abstract = {
+        k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=b_shard) for k in ("tokens", "segment_ids")
+    }
+    t0 = time.time()
+    compiled = (
+        jax.jit(
+            step_fn,
+            in_shardings=(shardings, b_shard),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        .lower(abstract, batch_abstract)
+        .compile()
+    )
+    _log_memory(compiled, time.time() - t0)
+    return compiled
 
 
 def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
@@ -580,9 +634,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         multihost_utils.sync_global_devices("run_dir")
 
     tx = make_optimizer(cfg.optimizer, cfg.steps)
-    schedule = lr_schedule(cfg.optimizer, cfg.steps)
-    abstract = _state_shardings(mcfg, tx, mesh, rules)
-    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    abstract = abstract_state(mcfg, tx, mesh, rules)
     graphdef = nnx.split(nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0))))[0]
 
     data_state = None
@@ -590,21 +642,9 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         state, data_state = ckpt.restore(resume_step, abstract)
         log.info("resumed from %s step %d", run_dir / "checkpoints", resume_step)
     else:
-        if host_params is None:
-            init = jax.jit(
-                lambda: nnx.to_pure_dict(nnx.split(Llama(mcfg, rngs=nnx.Rngs(params=cfg.seed)), nnx.Param)[1]),
-                out_shardings=shardings["params"],
-            )
-            params = init()
-            log.info("fresh init of %s (%.1fM parameters)", cfg.model.preset, mcfg.num_params() / 1e6)
-        else:
-            params = _place(host_params, shardings["params"])
-            log.info(
-                "weights from %s (%.1fM parameters), fresh optimizer", cfg.load_parameters_path, mcfg.num_params() / 1e6
-            )
-        opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-        step0 = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-        state = {"step": step0, "params": params, "opt_state": opt_state}
+        state = fresh_state(mcfg, tx, abstract, cfg.seed, host_params)
+        source = cfg.load_parameters_path if host_params is not None else f"a fresh init of {cfg.model.preset}"
+        log.info("weights from %s (%.1fM parameters), fresh optimizer", source, mcfg.num_params() / 1e6)
 
     seq_len = cfg.data.seq_len
     b_shard = sharding.batch_sharding(mesh, rules)
@@ -612,21 +652,18 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
     iterator = _make_iterator(cfg, mcfg, tokenizer, shard, n_shards)
     if data_state is not None:
         iterator.set_state(data_state)
-
-    micro_sharding = NamedSharding(mesh, PartitionSpec(None, b_axes, None))
-    step_fn = make_train_step(graphdef, mcfg, tx, schedule, cfg.micro_batches, micro_sharding)
-    batch_abstract = {
-        k: jax.ShapeDtypeStruct((cfg.global_batch_size, seq_len), jnp.int32, sharding=b_shard)
-        for k in ("tokens", "segment_ids")
-    }
-    rep = sharding.replicated(mesh)
-    t0 = time.time()
-    compiled = (
-        jax.jit(step_fn, in_shardings=(shardings, b_shard), out_shardings=(shardings, rep), donate_argnums=(0,))
-        .lower(abstract, batch_abstract)
-        .compile()
+    compiled = compile_step(
+        graphdef,
+        mcfg,
+        tx,
+        lr_schedule(cfg.optimizer, cfg.steps),
+        cfg.micro_batches,
+        abstract,
+        mesh,
+        rules,
+        (cfg.global_batch_size, seq_len),
     )
-    _log_memory(compiled, time.time() - t0)
+    rep = sharding.replicated(mesh)
 
     eval_batches = _eval_batches(cfg, tokenizer, b_shard) if cfg.eval.batches > 0 else None
     eval_fn = jax.jit(make_eval_step(graphdef, mcfg), out_shardings=rep) if eval_batches else None
@@ -634,11 +671,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
     if eval_batches and resume_step is None:
         results["eval_before"] = _perplexity(eval_fn, state["params"], eval_batches, "before training")
 
-    writer = None
-    if primary:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    writer = _tensorboard_writer(run_dir / "tensorboard") if primary else None
     metrics_file = open(run_dir / "metrics.jsonl", "a") if primary else None  # noqa: SIM115
 
     stop = {"sigterm": False}
@@ -744,6 +777,20 @@ def _load_run_tokenizer(run_dir: Path) -> Any:
     from anllm_jax.tokenizer import Tokenizer
 
     return Tokenizer.load(str(run_dir / "tokenizer"))
+
+
+def _tensorboard_writer(logdir: Path) -> Any:
+    # tensorboardX imports torch, when installed, only to accept torch tensors; keep torch (seconds of import, and
+    # its CUDA runtime on GPU hosts) out of the JAX process.
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter(str(logdir))
 
 
 def _log_memory(compiled: Any, seconds: float) -> None:

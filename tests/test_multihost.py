@@ -2,7 +2,6 @@
 two processes restore in one process on another mesh."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,21 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from test_train import tiny_config
+from test_train import fast_env, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(devices: int, tmp_path: Path) -> dict:
-    return dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=str(ROOT),
-    )
+# Adam's first steps divide each gradient by its own magnitude, which turns float reduction-order noise in
+# near-zero gradient entries into O(lr) differences; a larger eps keeps the comparison well-conditioned.
+OPTIMIZER = {"lr": 1e-3, "warmup_steps": 2, "eps": 1e-4}
 
 
 def _run_python(code: str, env: dict, timeout: int = 400) -> str:
@@ -44,7 +36,13 @@ def test_meshes_match_one_device(tmp_path):
     """(data, fsdp, tensor) = (2,2,2), (1,8,1), (8,1,1) give the loss and updated parameters of one device,
     with gradient accumulation over 2 micro-batches on the sharded batch."""
     base = tiny_config(
-        tmp_path, "one", steps=2, global_batch_size=16, micro_batches=2, checkpoint={"every_steps": 100, "keep": 1}
+        tmp_path,
+        "one",
+        steps=2,
+        global_batch_size=16,
+        micro_batches=2,
+        optimizer=OPTIMIZER,
+        checkpoint={"every_steps": 100, "keep": 1},
     )
     code = f"""
         import jax, numpy as np
@@ -62,11 +60,11 @@ def test_meshes_match_one_device(tmp_path):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params, ref_params)
             # The parameters really are spread over the devices (FSDP on 'embed', tensor on heads/mlp/vocab).
             wq = state["params"]["blocks"]["wq"]
-            assert len({{s.index for s in wq.addressable_shards}}) == mesh[1] * mesh[2], (mesh, wq.sharding)
+            assert len({{str(s.index) for s in wq.addressable_shards}}) == mesh[1] * mesh[2], (mesh, wq.sharding)
             print("mesh", mesh, "losses", loss)
         print("OK")
     """
-    out = _run_python(code, _env(8, tmp_path))
+    out = _run_python(code, fast_env(tmp_path, 8))
     assert out.strip().endswith("OK")
 
 
@@ -78,12 +76,13 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
         tmp_path,
         "two",
         steps=4,
+        optimizer=OPTIMIZER,
         checkpoint={"every_steps": 2, "keep": 2},
         mesh={"ici_data": 1, "ici_fsdp": 2, "ici_tensor": 1, "dcn_fsdp": 2},
     )
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(_env(2, tmp_path), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
+    env = dict(fast_env(tmp_path, 2), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
     proc = subprocess.run(
         ["bash", "launch/local_multiprocess.sh", "2", "--config", str(path)],
         cwd=ROOT,
@@ -111,7 +110,7 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), restored, ref)
         print(json.dumps([h["loss"] for h in out["history"]]))
     """
-    one = json.loads(_run_python(code, _env(4, tmp_path)).strip().splitlines()[-1])
+    one = json.loads(_run_python(code, fast_env(tmp_path, 4)).strip().splitlines()[-1])
     two = [json.loads(line)["loss"] for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()]
     assert len(two) == len(one) == 4
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
