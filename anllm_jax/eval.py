@@ -58,7 +58,7 @@ _COMPILE_EVENTS = frozenset(
 class EncodedTask:
     """A task's documents as token ids under one fixed set of demonstrations.
 
-    prefix: the demonstrations (each followed by the few-shot delimiter's first part, and <AC> for ac models).
+    prefix: the demonstrations (with <AC> after each for ac models).
     options[d][o]: (context ids, continuation ids) of option o of document d; context ids follow the prefix.
     """
 
@@ -99,14 +99,17 @@ def _split_sentences(text: str) -> list[str]:
 def encode_demonstrations(
     tokenizer, demos: Sequence[tasks.Doc], ac_id: int | None = None, ac_sentences: bool = False
 ) -> list[int]:
-    """Token ids of the demonstrations, "\\n\\n" between them; `ac_id` after each (and after each of its
-    sentences with `ac_sentences`). Each demonstration is encoded on its own so an anchor can follow it."""
+    """Token ids of the demonstrations, "\\n\\n" between them.
+
+    Without `ac_id`: the block up to its last non-space character, encoded as one string, so that it is a token
+    prefix of every whole prompt (tokenizers split before whitespace). With `ac_id`: each demonstration is encoded
+    on its own and followed by `ac_id` (with `ac_sentences`, each of its sentences is).
+    """
+    if ac_id is None:
+        return tokenizer.encode(tasks.demonstrations_text(demos).rstrip()) if demos else []
     ids: list[int] = []
     for i, demo in enumerate(demos):
         text = (tasks.FEWSHOT_DELIMITER if i else "") + demo.demonstration()
-        if ac_id is None:
-            ids += tokenizer.encode(text)
-            continue
         for piece in _split_sentences(text) if ac_sentences else [text]:
             ids += tokenizer.encode(piece) + [ac_id]
     return ids
@@ -120,11 +123,25 @@ def encode_task(
     ac_id: int | None = None,
     ac_sentences: bool = False,
 ) -> EncodedTask:
+    """Encode every option of every document after the shared demonstration prefix.
+
+    Without `ac_id` each whole prompt string is encoded as the harness does and the prefix cut off its front,
+    so the tokens equal the harness's. With `ac_id` the question follows the last <AC> and is encoded alone.
+    """
     prefix = encode_demonstrations(tokenizer, demos, ac_id, ac_sentences)
-    lead = tasks.FEWSHOT_DELIMITER if demos else ""
     options = []
     for i, doc in enumerate(docs):
-        pairs = [encode_pair(tokenizer, lead + context, continuation) for context, continuation in doc.requests()]
+        if ac_id is None:
+            pairs = [encode_pair(tokenizer, c, k) for c, k in tasks.harness_requests(doc, demos)]
+            if any(ctx[: len(prefix)] != prefix for ctx, _ in pairs):
+                raise ValueError(
+                    f"{name} document {i}: the tokenizer merges the end of the demonstrations with the question, "
+                    "so they cannot form a shared cached prefix"
+                )
+            pairs = [(ctx[len(prefix) :], cont) for ctx, cont in pairs]
+        else:
+            lead = tasks.FEWSHOT_DELIMITER if demos else ""
+            pairs = [encode_pair(tokenizer, lead + c, k) for c, k in doc.requests()]
         for j, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError(f"{name} document {i} option {j} encodes to no tokens; the option text is empty")
