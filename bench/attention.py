@@ -149,7 +149,7 @@ def run_one(path: str, B: int, T: int, N: int, K: int, H: int, dtype, iters: int
 
 
 def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
 
 def print_table(rows: list[dict]) -> None:
