@@ -518,16 +518,13 @@ def generate(
 # CLI
 
 
-def _load(checkpoint: str):
-    from anllm_jax import checkpoints
-
-    path = checkpoints.smollm2_gguf_path() if checkpoint == "smollm2" else checkpoint
-    return checkpoints.load(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m anllm_jax.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="smollm2", help="HF dir, GGUF file, native dir, or 'smollm2' (packaged)")
+    p.add_argument(
+        "--checkpoint",
+        default="smollm2",
+        help="HF dir, GGUF file, native dir, or 'smollm2' (the packaged SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--cache", choices=kvcache.POLICIES, default=None, help="default: anchor if the model has anchors")
     p.add_argument("--anchor-mode", choices=("ep", "ac", "full"), default=None, help="default: the model's own")
@@ -539,14 +536,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default: one chunk)")
+    p.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32 (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
-    model, tokenizer = _load(args.checkpoint)
-    if args.anchor_mode in ("ep", "ac") and args.anchor_mode != model.cfg.anchor_mode:
-        from anllm_jax import checkpoints
+    from anllm_jax import checkpoints
 
-        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
+    model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
+    if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
+        checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     anchor_mode = args.anchor_mode or model.cfg.anchor_mode
     policy = args.cache or ("anchor" if anchor_mode != "full" else "full")
     prompt = tokenizer.encode(args.prompt, add_bos=args.add_bos)
@@ -577,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finish_reason": gen.finish_reason[0],
         "cache": policy,
         "anchor_mode": anchor_mode,
+        "anchor_ids": list(anchor_ids_of(model, anchor_mode)),
+        "prompt_ids": prompt,
         "prompt_tokens": len(prompt),
         "cache_entries": entries,
         "full_cache_entries": full_entries,

@@ -6,6 +6,9 @@ References: `Llama.__call__` (one masked forward over the whole row, no cache) a
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -254,3 +257,26 @@ def test_sampling_options():
     for b in (1, 2):
         want = greedy.tokens[b]
         assert s.tokens[b] == (want[: want.index(stop) + 1] if stop in want else want)
+
+
+def test_cli_json_on_real_smollm2():
+    """The CLI on the packaged SmolLM2-135M ('.' as anchors): the anchor cache keeps exactly the anchors and
+    the open sentence, and generates what the no-cache policy generates."""
+
+    def cli(cache: str) -> dict:
+        cmd = [sys.executable, "-m", "anllm_jax.generate", "--checkpoint", "smollm2", "--prompt"]
+        cmd += ["The cat sat on the mat. The dog ran home. Then a bird", "--anchor-mode", "ep", "--cache", cache]
+        cmd += ["--max-new-tokens", "4", "--dtype", "float32", "--json"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout)
+
+    a, n = cli("anchor"), cli("none")
+    assert a["tokens"] == n["tokens"] and len(a["tokens"]) == 4
+    np.testing.assert_allclose(a["logprobs"], n["logprobs"], atol=1e-3)
+    assert isinstance(a["text"], str) and a["text"]
+    fed = a["prompt_ids"] + a["tokens"][:-1]
+    assert a["full_cache_entries"] == len(fed)
+    assert a["cache_entries"] == len(kept_positions(fed, tuple(a["anchor_ids"]))) < len(fed)
+    assert a["cache_bytes"] == a["cache_entries"] * 2 * 30 * 3 * 64 * 4  # layers, kv heads, head_dim, float32
+    assert a["cache_bytes"] < a["full_cache_bytes"]
