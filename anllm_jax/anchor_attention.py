@@ -72,6 +72,11 @@ def anchor_attention(
         raise ValueError(f"TokenInfo must be [B, T] = {(B, T)}, got {info.order.shape}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"kernel='pallas' (attention='anchor_pallas') needs a GPU, this backend is {jax.default_backend()}; "
+            "use 'anchor' (pure JAX) here, or kernel='pallas_interpret' to emulate the kernels"
+        )
     if kernel != "jax" and (tiers[0] != 1 or block & (block - 1) or (q_BTNH.shape[-1] & (q_BTNH.shape[-1] - 1))):
         raise ValueError(
             f"the Pallas kernel needs tiers starting with 1 and power-of-two block and head_dim; got tiers={tiers}, "

@@ -138,20 +138,22 @@ def test_pallas_kernel_matches_dense(name):
 
 def test_pallas_kernels_lower_to_triton():
     """Forward and backward at benchmark tile sizes (block 128, head_dim 128, bf16) lower to Triton GPU calls."""
+    from anllm_jax.kernels import anchor_pallas
+
     Tk, Hk = 512, 128
     info = _info(np.full((1, Tk), 9), None)
     q = jnp.zeros((1, Tk, 4, Hk), jnp.bfloat16)
     k = jnp.zeros((1, Tk, 2, Hk), jnp.bfloat16)
-
-    def loss(q, k, v):
-        o = anchor_attention.anchor_attention(q, k, v, info, kernel="pallas")
-        return jnp.sum(o.astype(jnp.float32))
-
-    triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    exported = jax.export.export(
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=[triton_call]
-    )(q, k, k)
-    module = exported.mlir_module()
+    lse = jnp.zeros((1, Tk, 2, 2), jnp.float32)
+    triton_call = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    fwd = functools.partial(anchor_pallas.windowed_fwd, C=128, capacity=128)
+    bwd = functools.partial(anchor_pallas.windowed_bwd, C=128, capacity=128)
+    module = jax.export.export(jax.jit(fwd), platforms=["cuda"], disabled_checks=triton_call)(
+        q, k, k, info
+    ).mlir_module()
+    module += jax.export.export(jax.jit(bwd), platforms=["cuda"], disabled_checks=triton_call)(
+        q, k, k, info, q, lse, q
+    ).mlir_module()
     for name in (
         "anchor_attention_fwd",
         "anchor_attention_dq",
@@ -223,6 +225,11 @@ def test_bad_shapes_raise():
     info = _info(np.full((1, 8), 9), None)
     with pytest.raises(ValueError, match="multiple of K"):
         anchor_attention.anchor_attention(q, jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 8, 2, 4)), info)
+    with pytest.raises(ValueError, match="kernel='cuda' is not one of"):
+        anchor_attention.anchor_attention(q, q, q, info, kernel="cuda")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            anchor_attention.anchor_attention(q, q, q, info, kernel="pallas")
 
 
 def test_long_row_memory_is_linear_and_rows_are_exact():
