@@ -30,6 +30,8 @@ def load_hf_reference(gguf_path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # One intra-op thread: on a small shared CPU, more threads make torch slower, not faster.
+    torch.set_num_threads(1)
     folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
