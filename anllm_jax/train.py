@@ -258,6 +258,19 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def load_tokenizer(path: str) -> Any:
+    """A tokenizer from a saved/HF tokenizer directory, a tokenizer.json, or else a sentencepiece model file."""
+    from anllm_jax.tokenizer import Tokenizer
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model.tokenizer_path {path} does not exist")
+    if os.path.isdir(path):
+        return Tokenizer.load(path)
+    if path.endswith(".json"):
+        return Tokenizer.from_tokenizer_json(path)
+    return Tokenizer.from_sentencepiece(path)
+
+
 def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, Any]:
     """(model config, host parameters or None for a fresh init, tokenizer or None) with the anchor variant set."""
     m, mode = cfg.model, cfg.data.anchor_mode
@@ -281,9 +294,7 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, A
     else:
         mcfg = preset(m.preset, **m.overrides)
         if m.tokenizer_path:
-            from anllm_jax.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.load(m.tokenizer_path)
+            tokenizer = load_tokenizer(m.tokenizer_path)
             if mode == "ac":
                 tokenizer.add_token("<AC>")
             if mode != "full":
@@ -625,13 +636,16 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         host_params = None
     else:
         mcfg, host_params, tokenizer = build_model(cfg)
-        if primary:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if primary:
+        # config.yaml follows the latest invocation (a resume may extend `steps`); the model and tokenizer are
+        # fixed when the run starts.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if resume_step is None:
             (run_dir / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=1))
             if tokenizer is not None:
                 tokenizer.save(str(run_dir / "tokenizer"))
-        multihost_utils.sync_global_devices("run_dir")
+    multihost_utils.sync_global_devices("run_dir")
 
     tx = make_optimizer(cfg.optimizer, cfg.steps)
     abstract = abstract_state(mcfg, tx, mesh, rules)
@@ -688,6 +702,8 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         now,
     )
     start = int(_host(state["step"]))
+    if start >= cfg.steps:
+        log.info("run %s is already complete at step %d; pass run_name=<new name> or a larger steps=", run_dir, start)
     last_saved = resume_step
     history: list[dict[str, Any]] = []
     pending: list[tuple[int, dict[str, jax.Array], int]] = []
@@ -751,9 +767,15 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         results["eval_after"] = _perplexity(eval_fn, state["params"], eval_batches, "after training")
     if primary and history:
         _plot_loss(run_dir)
-    if stop["sigterm"]:
-        sys.exit(143)
-    return {"history": history, "state": state, "model_config": mcfg, "run_dir": run_dir, "mesh": mesh, **results}
+    return {
+        "preempted": stop["sigterm"],
+        "history": history,
+        "state": state,
+        "model_config": mcfg,
+        "run_dir": run_dir,
+        "mesh": mesh,
+        **results,
+    }
 
 
 def _ensure_corpus(cfg: TrainConfig) -> None:
@@ -917,6 +939,8 @@ def main(argv: list[str] | None = None) -> None:
         if jax.process_index() != 0:
             logging.getLogger().setLevel(logging.WARNING)
         result = train(cfg)
+        if result["preempted"]:
+            sys.exit(143)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"anllm_jax.train: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -271,3 +271,50 @@ def test_exact_resume_after_sigterm_and_sigkill(tmp_path):
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], abs=1e-6), f"loss differs at step {s}"
     assert (run / "loss.png").exists() and (run / "config.yaml").exists()
     assert any((run / "tensorboard").iterdir())
+
+
+def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
+    """The job on the real data pipeline: a local corpus prepared with anllm_jax.data, a sentencepiece tokenizer
+    that gets <AC>, one document per row; every row's sentences end in <AC> (anchor density), and the held-out
+    perplexities are reported before and after."""
+    import importlib.util
+
+    from anllm_jax import data
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    sentences = ["The river rose in the spring.", "Farmers moved the sheep to the hills.", "Dr. Reed measured 2.5 m."]
+    for i in range(12):
+        (docs / f"d{i}.txt").write_text(" ".join(sentences[(i + k) % 3] for k in range(2 + i % 3)))
+    data.prepare([str(docs)], str(tmp_path / "corpus"), val_fraction=0.25)
+    sp = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+    raw = tiny_config(
+        tmp_path,
+        "corpus",
+        steps=2,
+        global_batch_size=4,
+        dataset_type="corpus",
+        model={"preset": "tiny", "tokenizer_path": str(sp), "overrides": {"vocab_size": 32001}},
+        data={"path": str(tmp_path / "corpus"), "anchor_mode": "ac", "seq_len": 48, "packing": False},
+        eval={"batches": 1, "batch_size": 2},
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "anllm_jax.train", "--config", str(path)],
+        cwd=ROOT,
+        env=fast_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out perplexity before training" in proc.stderr and "after training" in proc.stderr
+    run = tmp_path / "runs/corpus"
+    mcfg = json.loads((run / "model_config.json").read_text())
+    assert mcfg["anchor_mode"] == "ac" and mcfg["anchor_ids"] == [32000]
+    rows = _last_per_step(run / "metrics.jsonl")
+    # Every document has 2-4 sentences of 7-10 tokens, each followed by <AC>; BOS starts each row.
+    for row in rows.values():
+        assert 0.07 < row["anchor_density"] < 0.15, row
+        assert row["real_tokens"] >= 4 * 2 * 8
