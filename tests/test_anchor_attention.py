@@ -131,8 +131,13 @@ def test_outputs_and_gradients_match_dense(name, dtype, tol):
 
 
 @pytest.mark.parametrize("name", ["short_sentences", "padding", "packed_documents", "too_many_anchors"])
-def test_pallas_kernel_matches_dense(name):
-    """The Pallas kernels (interpret mode on CPU) on the one-previous-block tier; other paths stay in JAX."""
+def test_pallas_kernel_matches_dense(name, monkeypatch):
+    """The Pallas kernels (interpret mode on CPU) on the one-previous-block tier; other paths stay in JAX.
+    Tiles of half a block, so that windows and key ranges span several tiles."""
+    from anllm_jax.kernels import anchor_pallas
+
+    monkeypatch.setattr(anchor_pallas, "FWD_TILE", BLOCK // 2)
+    monkeypatch.setattr(anchor_pallas, "BWD_TILE", BLOCK // 2)
     _check_against_dense(name, jnp.float32, 1e-5, "pallas_interpret")
 
 

@@ -22,6 +22,10 @@ from anllm_jax import anchor_attention as aa
 from anllm_jax import masks
 
 ANCHOR_BLOCK = 64
+# Query/key tile lengths (each divides the block length C): the forward tiles like flash attention's forward,
+# the backward ones are smaller because each program holds two float32 accumulators.
+FWD_TILE = 128
+BWD_TILE = 64
 # Finite: rows with nothing allowed yet keep finite running maxima (no inf - inf).
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -32,40 +36,49 @@ def _info(refs, idx=...) -> masks.TokenInfo:
     return masks.TokenInfo(order=order, seg=seg, anchor=anchor != 0, valid=valid != 0, doc=doc)
 
 
-def _update(carry, q, qi: masks.TokenInfo, k, v, ki: masks.TokenInfo, same_seg: bool, scale: float):
-    """One online-softmax step over a key block: same-sentence keys (window) or other-sentence keys (anchors)."""
-    acc, m, denom = carry
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+def _mask(qi: masks.TokenInfo, ki: masks.TokenInfo, same_seg: bool) -> jax.Array:
+    """bool [Lq, Lk]: `masks.allowed`, restricted to same-sentence keys (window) or other-sentence keys (anchors)."""
     seg_eq = qi.seg[0][:, None] == ki.seg[0][None, :]
-    mask = masks.allowed(qi, ki).reshape(s.shape) & (seg_eq if same_seg else ~seg_eq)
-    m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _MASKED), axis=-1))
-    corr = jnp.exp(m - m_new)
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-    acc = acc * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return acc, m_new, denom * corr + jnp.sum(p, axis=-1)
+    return masks.allowed(qi, ki).reshape(seg_eq.shape) & (seg_eq if same_seg else ~seg_eq)
 
 
-def _kernel(n_blocks_ref, q_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C: int, scale: float):
+def _window_tiles(qt, C: int, tile: int):
+    """(first key tile in front-padded coordinates, number of tiles) of query tile qt's window, up to the tile's end."""
+    per_block = C // tile
+    first = (qt // per_block) * per_block  # padded tile of the previous block's start
+    return first, qt - first + per_block + 1
+
+
+def _fwd_kernel(n_blocks_ref, q_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C: int, tile: int, scale: float):
     q_refs, f_refs, a_refs = refs[0:5], refs[5:10], refs[10:15]
     o_ref, lse_ref = refs[15:]
-    i, b = pl.program_id(0), pl.program_id(1)
-    q = q_ref[...]  # [C, H]
+    qt, b = pl.program_id(0), pl.program_id(1)
+    q = q_ref[...]  # [tile, H]
     qi = _info(q_refs)
-    carry = (
-        jnp.zeros(q.shape, jnp.float32),
-        jnp.full((C,), _MASKED, jnp.float32),
-        jnp.zeros((C,), jnp.float32),
-    )
-    # The window: previous block, then own block (front-padded coordinates: block i is the previous one).
-    for j in range(2):
-        sl = pl.ds((i + j) * C, C)
-        carry = _update(carry, q, qi, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True, scale)
 
-    def anchor_block(j, carry):
+    def update(carry, k, v, ki, same_seg):
+        acc, m, denom = carry
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        mask = _mask(qi, ki, same_seg)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _MASKED), axis=-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        acc = acc * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, m_new, denom * corr + jnp.sum(p, axis=-1)
+
+    first, n_window = _window_tiles(qt, C, tile)
+
+    def window_tile(j, carry):
+        sl = pl.ds((first + j) * tile, tile)
+        return update(carry, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True)
+
+    def anchor_tile(j, carry):
         sl = pl.ds(j * ANCHOR_BLOCK, ANCHOR_BLOCK)
-        return _update(carry, q, qi, ka_ref[sl, :], va_ref[sl, :], _info(a_refs, sl), False, scale)
+        return update(carry, ka_ref[sl, :], va_ref[sl, :], _info(a_refs, sl), False)
 
-    acc, m, denom = jax.lax.fori_loop(0, n_blocks_ref[b, i], anchor_block, carry)
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((tile,), _MASKED), jnp.zeros((tile,), jnp.float32))
+    carry = jax.lax.fori_loop(0, n_window, window_tile, carry)
+    acc, m, denom = jax.lax.fori_loop(0, n_blocks_ref[b, qt], anchor_tile, carry)
     denom = jnp.where(denom > 0, denom, 1.0)
     o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(denom)
@@ -73,6 +86,41 @@ def _kernel(n_blocks_ref, q_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C: int, 
 
 def _int_fields(info: masks.TokenInfo) -> list[jax.Array]:
     return [x.astype(jnp.int32) for x in (info.order, info.seg, info.anchor, info.valid, info.doc)]
+
+
+def _setup(k, v, info: masks.TokenInfo, C: int, capacity: int, tile: int):
+    """Gathered anchors, front-padded keys, and the anchor tiles each query tile needs (those before its end)."""
+    slots = -(-capacity // ANCHOR_BLOCK) * ANCHOR_BLOCK
+    ka, va, ia, idx_BA = aa._gather_anchors(k, v, info, slots)
+    kf, vf, info_f = aa._front(k, C), aa._front(v, C), aa._front_info(info, C)
+    is_a = (info.anchor & info.valid).astype(jnp.int32)
+    before_end = jnp.cumsum(is_a, axis=1)[:, tile - 1 :: tile]
+    n_blocks = (-(-jnp.minimum(before_end, slots) // ANCHOR_BLOCK)).astype(jnp.int32)
+    return slots, ka, va, ia, idx_BA, kf, vf, info_f, n_blocks
+
+
+def _specs(B: int, n_tiles: int, G: int, H: int):
+    """BlockSpec makers over a (tiles, rows, heads) grid."""
+
+    def row(length):
+        return pl.BlockSpec((None, length), lambda j, b, n: (b, 0))
+
+    def tile_of_row(length):
+        return pl.BlockSpec((None, length), lambda j, b, n: (b, j))
+
+    def per_head(length, heads_per_kv):
+        return pl.BlockSpec((None, length, None, H), lambda j, b, n: (b, 0, n // heads_per_kv, 0))
+
+    def tile_of(length, heads_per_kv):
+        return pl.BlockSpec((None, length, None, H), lambda j, b, n: (b, j, n // heads_per_kv, 0))
+
+    scalars = pl.BlockSpec((B, n_tiles), lambda j, b, n: (0, 0))
+    return row, tile_of_row, per_head, tile_of, scalars
+
+
+def _check_tiles(C: int, H: int, *tiles: int) -> None:
+    if any(C % t for t in tiles) or H & (H - 1):
+        raise ValueError(f"Pallas kernels need block={C} divisible by tiles {tiles} and a power-of-two head_dim={H}")
 
 
 @functools.partial(jax.jit, static_argnames=("C", "capacity", "interpret"))
@@ -85,59 +133,44 @@ def windowed_fwd(q, k, v, info: masks.TokenInfo, *, C: int, capacity: int, inter
     B, Tp, N, H = q.shape
     K = k.shape[2]
     G = N // K
-    nb = Tp // C
-    slots = -(-capacity // ANCHOR_BLOCK) * ANCHOR_BLOCK
-    ka, va, ia, _ = aa._gather_anchors(k, v, info, slots)
-    kf, vf, info_f = aa._front(k, C), aa._front(v, C), aa._front_info(info, C)
-    # Anchor blocks each query block needs: those holding anchors before the block's end.
-    is_a = (info.anchor & info.valid).astype(jnp.int32)
-    before_end = jnp.cumsum(is_a, axis=1)[:, C - 1 :: C]
-    n_blocks = -(-jnp.minimum(before_end, slots) // ANCHOR_BLOCK)
-
-    def full(length):
-        return pl.BlockSpec((None, length), lambda i, b, n: (b, 0))
-
-    kv_spec = lambda length: pl.BlockSpec((None, length, None, H), lambda i, b, n: (b, 0, n // G, 0))
-    in_specs = [
-        pl.BlockSpec((B, nb), lambda i, b, n: (0, 0)),
-        pl.BlockSpec((None, C, None, H), lambda i, b, n: (b, i, n, 0)),
-        kv_spec(Tp + C),
-        kv_spec(Tp + C),
-        kv_spec(slots),
-        kv_spec(slots),
-        *[pl.BlockSpec((None, C), lambda i, b, n: (b, i))] * 5,
-        *[full(Tp + C)] * 5,
-        *[full(slots)] * 5,
-    ]
-    out_specs = [
-        pl.BlockSpec((None, C, None, H), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, None, C), lambda i, b, n: (b, n, i)),
-    ]
+    tile = min(FWD_TILE, C)
+    _check_tiles(C, H, tile)
+    n_tiles = Tp // tile
+    slots, ka, va, ia, _, kf, vf, info_f, n_blocks = _setup(k, v, info, C, capacity, tile)
+    row, tile_of_row, per_head, tile_of, scalars = _specs(B, n_tiles, G, H)
     o, lse_BNT = pl.pallas_call(
-        functools.partial(_kernel, C=C, scale=H**-0.5),
-        grid=(nb, B, N),
-        in_specs=in_specs,
-        out_specs=out_specs,
+        functools.partial(_fwd_kernel, C=C, tile=tile, scale=H**-0.5),
+        grid=(n_tiles, B, N),
+        in_specs=[
+            scalars,
+            tile_of(tile, 1),
+            per_head(Tp + C, G),
+            per_head(Tp + C, G),
+            per_head(slots, G),
+            per_head(slots, G),
+            *[tile_of_row(tile)] * 5,
+            *[row(Tp + C)] * 5,
+            *[row(slots)] * 5,
+        ],
+        out_specs=[tile_of(tile, 1), pl.BlockSpec((None, None, tile), lambda j, b, n: (b, n, j))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
         compiler_params=pl_triton.CompilerParams(num_warps=8 if H > 64 else 4, num_stages=2),
         interpret=interpret,
         name="anchor_attention_fwd",
-    )(n_blocks.astype(jnp.int32), q, kf, vf, ka, va, *_int_fields(info), *_int_fields(info_f), *_int_fields(ia))
+    )(n_blocks, q, kf, vf, ka, va, *_int_fields(info), *_int_fields(info_f), *_int_fields(ia))
     return o, jnp.swapaxes(lse_BNT, 1, 2).reshape(B, Tp, K, G)
 
 
 def _probs(q, qi, k, ki, lse, same_seg: bool, scale: float):
-    """Probabilities [Cq, Ck] of a query block against a key block, recomputed from the log-sum-exp."""
+    """Probabilities [Lq, Lk] of a query tile against a key tile, recomputed from the log-sum-exp."""
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    seg_eq = qi.seg[0][:, None] == ki.seg[0][None, :]
-    mask = masks.allowed(qi, ki).reshape(s.shape) & (seg_eq if same_seg else ~seg_eq)
-    return jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    return jnp.where(_mask(qi, ki, same_seg), jnp.exp(s - lse[:, None]), 0.0)
 
 
-def _dq_kernel(n_blocks_ref, q_ref, do_ref, lse_ref, delta_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C, scale):
+def _dq_kernel(n_blocks_ref, q_ref, do_ref, lse_ref, delta_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C, tile, scale):
     q_refs, f_refs, a_refs = refs[0:5], refs[5:10], refs[10:15]
     (dq_ref,) = refs[15:]
-    i, b = pl.program_id(0), pl.program_id(1)
+    qt, b = pl.program_id(0), pl.program_id(1)
     q, do, lse, delta, qi = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], _info(q_refs)
 
     def update(dq, k, v, ki, same_seg):
@@ -146,28 +179,30 @@ def _dq_kernel(n_blocks_ref, q_ref, do_ref, lse_ref, delta_ref, kf_ref, vf_ref, 
         ds = (p * (dp - delta[:, None]) * scale).astype(k.dtype)
         return dq + jnp.dot(ds, k, preferred_element_type=jnp.float32)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    for j in range(2):
-        sl = pl.ds((i + j) * C, C)
-        dq = update(dq, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True)
+    first, n_window = _window_tiles(qt, C, tile)
 
-    def anchor_block(j, dq):
+    def window_tile(j, dq):
+        sl = pl.ds((first + j) * tile, tile)
+        return update(dq, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True)
+
+    def anchor_tile(j, dq):
         sl = pl.ds(j * ANCHOR_BLOCK, ANCHOR_BLOCK)
         return update(dq, ka_ref[sl, :], va_ref[sl, :], _info(a_refs, sl), False)
 
-    dq_ref[...] = jax.lax.fori_loop(0, n_blocks_ref[b, i], anchor_block, dq)
+    dq = jax.lax.fori_loop(0, n_window, window_tile, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = jax.lax.fori_loop(0, n_blocks_ref[b, qt], anchor_tile, dq)
 
 
-def _dkv_kernel(q_lo_ref, q_hi_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, C, same_seg, scale):
-    """dk, dv of one key block (window keys, or anchors) from the query blocks q_lo..q_hi-1 that may see it."""
+def _dkv_kernel(q_lo_ref, q_hi_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, tile, same_seg, scale):
+    """dk, dv of one key tile (window keys, or anchors) from the query tiles q_lo..q_hi-1 that may see it."""
     q_refs, k_refs = refs[0:5], refs[5:10]
     dk_ref, dv_ref = refs[10:]
     j, b = pl.program_id(0), pl.program_id(1)
     k, v, ki = k_ref[...], v_ref[...], _info(k_refs)
 
-    def query_block(i, carry):
+    def query_tile(i, carry):
         dk, dv = carry
-        sl = pl.ds(i * C, C)
+        sl = pl.ds(i * tile, tile)
         q, do, lse, delta = q_ref[sl, :], do_ref[sl, :], lse_ref[sl], delta_ref[sl]
         p = _probs(q, _info(q_refs, sl), k, ki, lse, same_seg, scale)
         dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
@@ -176,7 +211,7 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_
         return dk + jnp.dot(ds.T, q, preferred_element_type=jnp.float32), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(q_lo_ref[b, j], q_hi_ref[b, j], query_block, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(q_lo_ref[b, j], q_hi_ref[b, j], query_tile, (zeros, zeros))
     dk_ref[...], dv_ref[...] = dk, dv
 
 
@@ -184,94 +219,85 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_
 def windowed_bwd(q, k, v, info: masks.TokenInfo, o, lse, do, *, C: int, capacity: int, interpret: bool = False):
     """dq, dk, dv (float32) of `windowed_fwd` given its output `o`, log-sum-exp [B, Tp, K, G] and cotangent `do`.
 
-    Three kernels: dq per query block (window and anchors), dk/dv per window key block (from the query blocks
-    whose window holds it), dk/dv per anchor block (from every query block at or after its first anchor).
-    Key gradients are computed per query head and summed over each group of heads.
+    Three kernels: dq per query tile (window and anchors), dk/dv per window key tile (from the query tiles of
+    the windows that hold it, at or after it), dk/dv per anchor tile (from every query tile at or after its
+    first anchor). Key gradients are computed per query head and summed over each group of heads.
     """
     B, Tp, N, H = q.shape
     K = k.shape[2]
     G = N // K
-    nb = Tp // C
-    slots = -(-capacity // ANCHOR_BLOCK) * ANCHOR_BLOCK
+    tile = min(BWD_TILE, C)
+    _check_tiles(C, H, tile)
+    n_tiles = Tp // tile
+    slots, ka, va, ia, idx_BA, kf, vf, info_f, n_blocks = _setup(k, v, info, C, capacity, tile)
     na = slots // ANCHOR_BLOCK
-    ka, va, ia, idx_BA = aa._gather_anchors(k, v, info, slots)
-    kf, vf, info_f = aa._front(k, C), aa._front(v, C), aa._front_info(info, C)
-    is_a = (info.anchor & info.valid).astype(jnp.int32)
-    n_blocks = -(-jnp.minimum(jnp.cumsum(is_a, axis=1)[:, C - 1 :: C], slots) // ANCHOR_BLOCK)
     lse_BNT = jnp.swapaxes(lse.reshape(B, Tp, N), 1, 2)
     delta_BNT = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
     q_info, f_info, a_info = _int_fields(info), _int_fields(info_f), _int_fields(ia)
-    params = pl_triton.CompilerParams(num_warps=8 if H > 64 else 4, num_stages=2)
-
-    def row(length):
-        return pl.BlockSpec((None, length), lambda j, b, n: (b, 0))
-
-    def per_head(length, heads_per_kv):
-        return pl.BlockSpec((None, length, None, H), lambda j, b, n: (b, 0, n // heads_per_kv, 0))
-
-    def block_of(length, heads_per_kv):
-        return pl.BlockSpec((None, length, None, H), lambda j, b, n: (b, j, n // heads_per_kv, 0))
-
-    scalars = pl.BlockSpec((B, nb), lambda j, b, n: (0, 0))
-    lse_row = pl.BlockSpec((None, None, C), lambda j, b, n: (b, n, j))
+    params = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+    row, tile_of_row, per_head, tile_of, scalars = _specs(B, n_tiles, G, H)
+    lse_tile = pl.BlockSpec((None, None, tile), lambda j, b, n: (b, n, j))
     lse_full = pl.BlockSpec((None, None, Tp), lambda j, b, n: (b, n, 0))
     f32 = jnp.float32
     (dq,) = pl.pallas_call(
-        functools.partial(_dq_kernel, C=C, scale=H**-0.5),
-        grid=(nb, B, N),
+        functools.partial(_dq_kernel, C=C, tile=tile, scale=H**-0.5),
+        grid=(n_tiles, B, N),
         in_specs=[
             scalars,
-            block_of(C, 1),
-            block_of(C, 1),
-            lse_row,
-            lse_row,
+            tile_of(tile, 1),
+            tile_of(tile, 1),
+            lse_tile,
+            lse_tile,
             per_head(Tp + C, G),
             per_head(Tp + C, G),
             per_head(slots, G),
             per_head(slots, G),
-            *[pl.BlockSpec((None, C), lambda j, b, n: (b, j))] * 5,
+            *[tile_of_row(tile)] * 5,
             *[row(Tp + C)] * 5,
             *[row(slots)] * 5,
         ],
-        out_specs=[block_of(C, 1)],
+        out_specs=[tile_of(tile, 1)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, f32)],
         compiler_params=params,
         interpret=interpret,
         name="anchor_attention_dq",
-    )(n_blocks.astype(jnp.int32), q, do, lse_BNT, delta_BNT, kf, vf, ka, va, *q_info, *f_info, *a_info)
+    )(n_blocks, q, do, lse_BNT, delta_BNT, kf, vf, ka, va, *q_info, *f_info, *a_info)
 
-    def dkv(q_lo, q_hi, kk, vv, k_info, n_key_blocks, key_len, same_seg, name):
-        out = jax.ShapeDtypeStruct((B, n_key_blocks * key_len, N, H), f32)
+    def dkv(q_lo, q_hi, kk, vv, k_info, key_len, same_seg, name):
+        n_key_tiles = kk.shape[1] // key_len
+        out = jax.ShapeDtypeStruct((B, kk.shape[1], N, H), f32)
         dk_BSNH, dv_BSNH = pl.pallas_call(
-            functools.partial(_dkv_kernel, C=C, same_seg=same_seg, scale=H**-0.5),
-            grid=(n_key_blocks, B, N),
+            functools.partial(_dkv_kernel, tile=tile, same_seg=same_seg, scale=H**-0.5),
+            grid=(n_key_tiles, B, N),
             in_specs=[
-                pl.BlockSpec((B, n_key_blocks), lambda j, b, n: (0, 0)),
-                pl.BlockSpec((B, n_key_blocks), lambda j, b, n: (0, 0)),
-                block_of(key_len, G),
-                block_of(key_len, G),
+                pl.BlockSpec((B, n_key_tiles), lambda j, b, n: (0, 0)),
+                pl.BlockSpec((B, n_key_tiles), lambda j, b, n: (0, 0)),
+                tile_of(key_len, G),
+                tile_of(key_len, G),
                 per_head(Tp, 1),
                 per_head(Tp, 1),
                 lse_full,
                 lse_full,
                 *[row(Tp)] * 5,
-                *[pl.BlockSpec((None, key_len), lambda j, b, n: (b, j))] * 5,
+                *[tile_of_row(key_len)] * 5,
             ],
-            out_specs=[block_of(key_len, 1)] * 2,
+            out_specs=[tile_of(key_len, 1)] * 2,
             out_shape=[out, out],
             compiler_params=params,
             interpret=interpret,
             name=name,
         )(q_lo.astype(jnp.int32), q_hi.astype(jnp.int32), kk, vv, q, do, lse_BNT, delta_BNT, *q_info, *k_info)
-        shape = (B, n_key_blocks * key_len, K, G, H)
+        shape = (B, kk.shape[1], K, G, H)
         return dk_BSNH.reshape(shape).sum(3), dv_BSNH.reshape(shape).sum(3)
 
-    # Window keys: key block j is in the windows of query blocks j and j + 1.
-    blocks = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, nb))
-    dk, dv = dkv(blocks, jnp.minimum(blocks + 2, nb), k, v, q_info, nb, C, True, "anchor_attention_dkv_window")
-    # Anchors: seen from the query block of the block's first anchor on (empty blocks: no query block).
-    first = jnp.take_along_axis(idx_BA, jnp.arange(0, slots, ANCHOR_BLOCK)[None], axis=1) // C
-    last = jnp.full((B, na), nb)
-    dka, dva = dkv(first, last, ka, va, a_info, na, ANCHOR_BLOCK, False, "anchor_attention_dkv_anchors")
+    # Window keys: key tile t is seen from itself on, up to the end of the block after its own.
+    per_block = C // tile
+    key_tiles = jnp.broadcast_to(jnp.arange(n_tiles, dtype=jnp.int32), (B, n_tiles))
+    q_hi = jnp.minimum((key_tiles // per_block + 2) * per_block, n_tiles)
+    dk, dv = dkv(key_tiles, q_hi, k, v, q_info, tile, True, "anchor_attention_dkv_window")
+    # Anchors: seen from the query tile of the anchor tile's first anchor on (empty tiles: from none).
+    first = jnp.take_along_axis(idx_BA, jnp.arange(0, slots, ANCHOR_BLOCK)[None], axis=1) // tile
+    last = jnp.full((B, na), n_tiles)
+    dka, dva = dkv(first, last, ka, va, a_info, ANCHOR_BLOCK, False, "anchor_attention_dkv_anchors")
     rows = jnp.arange(B)[:, None]
     return dq, dk.at[rows, idx_BA].add(dka, mode="drop"), dv.at[rows, idx_BA].add(dva, mode="drop")
