@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from anllm_jax import anchor_attention, attention, masks  # noqa: E402
 
 ANCHOR = 1
-PATHS = ("cudnn_causal", "cudnn_mask", "xla_dense", "anchor", "anchor_pallas")
+PATHS = ("anchor_pallas", "anchor", "cudnn_causal", "cudnn_mask", "xla_dense")
 GPU_ONLY = ("cudnn_causal", "cudnn_mask", "anchor_pallas")
 
 
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         lengths, B, N, H, dtype, iters = (512, 1024, 2048), 1, 4, 64, "float32", 3
         paths = [x for x in PATHS if x not in GPU_ONLY]
     else:
-        lengths, B, N, H, dtype, iters = (2048, 4096, 8192, 16384, 32768), 4, 32, 128, "bfloat16", 10
+        # The target length first, then the longest, so that a run cut short keeps what matters most.
+        lengths, B, N, H, dtype, iters = (4096, 32768, 2048, 8192, 16384), 4, 32, 128, "bfloat16", 10
         paths = list(PATHS) if backend == "gpu" else [x for x in PATHS if x not in GPU_ONLY]
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else lengths
     paths = a.paths.split(",") if a.paths else paths
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             write_json(a.out, meta, rows)  # after every row: a run cut short keeps what it measured
     print(f"\n{meta['device']} ({backend}), jax {meta['jax']}, {meta['date']}, commit {meta['commit']}")
     print(f"B={B} heads={N} kv_heads={K} head_dim={H} {dtype.name}, sentences 8-40 tokens")
-    print_table(rows)
+    print_table(sorted(rows, key=lambda r: (r["T"], PATHS.index(r["path"]))))
     write_json(a.out, meta, rows)
     print(f"wrote {a.out}")
 

@@ -56,11 +56,11 @@ run_script() {
 }
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  run tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+  run tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
 else
   SUMMARY+=("$(printf '%-12s %-26s' tests "skipped: no pytest")")
 fi
-run_script attention bench/attention.py 300 --out "$RESULTS/attention.json"
+run_script attention bench/attention.py 360 --out "$RESULTS/attention.json"
 run_script eval_parity bench/eval_parity.py 120 --n 5 --json "$RESULTS/eval_parity.json"
 # Every other bench script, with its own defaults.
 for f in bench/*.py; do
