@@ -178,7 +178,7 @@ def _doc_order(enc: EncodedTask) -> list[int]:
 
 
 def score_masked(
-    model: Llama, enc: EncodedTask, anchor_mode: str, token_budget: int = 2048, progress: bool = True
+    model: Llama, enc: EncodedTask, anchor_mode: str, token_budget: int = 512, progress: bool = True
 ) -> list[np.ndarray]:
     """Per-document float64 log-likelihoods of each option: one masked forward per row, all options of a
     document in one batch, documents batched up to `token_budget` padded tokens."""
@@ -347,7 +347,7 @@ def evaluate_task(
     modes: Sequence[str],
     limit: int | None = None,
     ac_sentences: bool = False,
-    token_budget: int = 2048,
+    token_budget: int = 512,
     batch_size: int = 16,
     progress: bool = True,
     seed: int = tasks.FEWSHOT_SEED,
@@ -525,7 +525,7 @@ def run(
     modes: Sequence[str],
     limit: int | None = None,
     ac_sentences: bool = False,
-    token_budget: int = 2048,
+    token_budget: int = 512,
     batch_size: int = 16,
     progress: bool = True,
     checkpoint: str = "",
@@ -595,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--ac-sentences", action="store_true", help="ac models: <AC> after every demonstration sentence")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
-    p.add_argument("--token-budget", type=int, default=2048, help="padded tokens per batch in full/ansan modes")
+    p.add_argument("--token-budget", type=int, default=512, help="padded tokens per batch in full/ansan modes")
     p.add_argument("--batch-size", type=int, default=16, help="rows per batch in anchor-cache mode")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
