@@ -251,6 +251,9 @@ class CheckpointConfig:
     every_steps: int = 100
     keep: int = 3
     async_save: bool = True
+    # At the end, also write the model as a native checkpoint (<run dir>/model) that checkpoints.load, the
+    # generation and the eval CLIs read. Single-process jobs only.
+    export_model: bool = False
 
 
 @dataclasses.dataclass

@@ -763,6 +763,8 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         if metrics_file is not None:
             metrics_file.close()
 
+    if cfg.checkpoint.export_model and history:
+        _export_model(run_dir / "model", graphdef, state["params"], tokenizer)
     if eval_batches:
         results["eval_after"] = _perplexity(eval_fn, state["params"], eval_batches, "after training")
     if primary and history:
@@ -776,6 +778,19 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         "mesh": mesh,
         **results,
     }
+
+
+def _export_model(directory: Path, graphdef: nnx.GraphDef, params: Any, tokenizer: Any) -> None:
+    if jax.process_count() > 1:
+        log.warning(
+            "checkpoint.export_model needs a single process; export with restore_train_state and "
+            "checkpoints.save instead"
+        )
+        return
+    from anllm_jax import checkpoints
+
+    checkpoints.save(nnx.merge(graphdef, jax.device_get(params)), tokenizer, str(directory))
+    log.info("model written to %s (python -m anllm_jax.generate / anllm_jax.eval read it)", directory)
 
 
 def _ensure_corpus(cfg: TrainConfig) -> None:

@@ -275,8 +275,8 @@ def test_exact_resume_after_sigterm_and_sigkill(tmp_path):
 
 def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
     """The job on the real data pipeline: a local corpus prepared with anllm_jax.data, a sentencepiece tokenizer
-    that gets <AC>, one document per row; every row's sentences end in <AC> (anchor density), and the held-out
-    perplexities are reported before and after."""
+    that gets <AC>, one document per row; every row's sentences end in <AC> (anchor density), the held-out
+    perplexities are reported before and after, and the exported model loads with checkpoints.load."""
     import importlib.util
 
     from anllm_jax import data
@@ -297,6 +297,7 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
         model={"preset": "tiny", "tokenizer_path": str(sp), "overrides": {"vocab_size": 32001}},
         data={"path": str(tmp_path / "corpus"), "anchor_mode": "ac", "seq_len": 48, "packing": False},
         eval={"batches": 1, "batch_size": 2},
+        checkpoint={"every_steps": 2, "keep": 1, "export_model": True},
     )
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -318,3 +319,9 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
     for row in rows.values():
         assert 0.07 < row["anchor_density"] < 0.15, row
         assert row["real_tokens"] >= 4 * 2 * 8
+    from anllm_jax import checkpoints
+
+    model, tokenizer = checkpoints.load(str(run / "model"))
+    assert model.cfg.anchor_mode == "ac" and model.cfg.anchor_ids == (32000,) and tokenizer.anchor_ids("ac") == (32000,)
+    _, state = train.restore_train_state(run, sharding.make_mesh(MeshConfig(), jax.devices()[:1]))
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(state["params"]["embed"]))
