@@ -410,8 +410,7 @@ class Checkpoints:
     """Orbax manager for {train state, per-process data iterator states}. Orbax writes each step into a temporary
     directory and renames it when complete, so a kill mid-write leaves the previous checkpoint the latest one."""
 
-    def __init__(self, directory: Path, every_steps: int, keep: int, async_save: bool):
-        self.every_steps = every_steps
+    def __init__(self, directory: Path, keep: int, async_save: bool):
         self.manager = ocp.CheckpointManager(
             directory.absolute(),
             options=ocp.CheckpointManagerOptions(
@@ -625,9 +624,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         )
     if cfg.dataset_type == "corpus":
         _ensure_corpus(cfg)
-    ckpt = Checkpoints(
-        run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep, cfg.checkpoint.async_save
-    )
+    ckpt = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
     resume_step = ckpt.latest_step()
 
     if resume_step is not None:
@@ -747,7 +744,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
             )
             if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps or sigterm:
                 flush(keep_last=0)
-                ckpt.save(step + 1, state, _encode_state(iterator.get_state()))
+                ckpt.save(step + 1, state, iterator.get_state())
                 last_saved = step + 1
             if sigterm:
                 ckpt.wait()
@@ -947,7 +944,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=1e-4 steps=20")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save step at INFO
+    for noisy in ("absl", "jax"):  # orbax reports every save step at INFO, jax every backend it probes
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_train_config(args.config, args.overrides)
         initialize_distributed(cfg)
