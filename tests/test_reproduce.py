@@ -1,0 +1,117 @@
+"""scripts/reproduce.sh: the whole reproduction pipeline at smoke size on the real SmolLM2-135M, and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "reproduce.sh"
+MODELS = ("base", "control", "ep", "ac")
+STAGES = (
+    "convert",
+    "prepare",
+    "train-control",
+    "train-ep",
+    "train-ac",
+    "eval-base",
+    "eval-control",
+    "eval-ep",
+    "eval-ac",
+    "report",
+)
+
+
+def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("reproduce")
+    r = _run("--smoke", "--out", str(out), timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return out, json.loads((out / "results.json").read_text()), r.stdout
+
+
+@pytest.mark.slow
+def test_smoke_table_rows_and_numbers(smoke: tuple[Path, dict, str]) -> None:
+    out, report, _ = smoke
+    assert report["smoke"] is True
+    tasks = report["tasks"]
+    assert tasks == ["winogrande"]
+    keys = [(r["shots"], r["model"], r["mode"]) for r in report["rows"]]
+    assert sorted(keys) == sorted((k, m, mode) for k in (0, 5) for m in MODELS for mode in ("full", "anchor-cache"))
+    for r in report["rows"]:
+        evaluated = json.loads((out / "eval" / r["model"] / "results.json").read_text())
+        per_task = evaluated["results"][str(r["shots"])]
+        for t in tasks:
+            assert r["n"][t] == 1
+            assert r["acc"][t] == pytest.approx(100 * per_task[t]["modes"][r["mode"]]["acc"])
+        assert r["average"] == pytest.approx(sum(r["acc"].values()) / len(tasks))
+        assert 0 <= r["average"] <= 100 and 0 <= r["kv_reduction"] < 100
+        if r["mode"] == "full":
+            assert r["kv_reduction"] == 0 and r["time_ratio"] is None
+        else:
+            assert math.isfinite(r["time_ratio"]) and r["time_ratio"] > 0
+    # 5-shot AC prefix: the five demonstrations end in <AC> each, so exactly their five anchors stay cached.
+    ac5 = json.loads((out / "eval" / "ac" / "results.json").read_text())["results"]["5"]["winogrande"]["modes"]
+    stats = ac5["anchor-cache"]
+    assert stats["prefix_entries_kept"] == 5
+    ac_row = next(r for r in report["rows"] if (r["shots"], r["model"], r["mode"]) == (5, "ac", "anchor-cache"))
+    assert ac_row["prefix_kv_reduction"] == pytest.approx(100 * (1 - 5 / stats["prefix_tokens"]))
+    assert report["checks"]["ac_5shot_prefix_kv_reduction"] == ac_row["prefix_kv_reduction"]
+    # Anchor-cache scoring and one AnSAN forward per row are the same function, for every model.
+    assert set(report["loglik_consistency"]) == set(MODELS)
+    assert all(v < 2e-3 for v in report["loglik_consistency"].values()), report["loglik_consistency"]
+
+
+@pytest.mark.slow
+def test_smoke_training_runs_and_checkpoints(smoke: tuple[Path, dict, str]) -> None:
+    out, report, _ = smoke
+    expected = {"control": ("full", 49152), "ep": ("ep", 49152), "ac": ("ac", 49153)}
+    assert set(report["training"]) == set(expected)
+    for name, (mode, vocab) in expected.items():
+        t = report["training"][name]
+        assert t["anchor_mode"] == mode and t["steps"] == 2
+        steps = [json.loads(line)["step"] for line in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2]
+        assert math.isfinite(t["first_loss"]) and math.isfinite(t["final_loss"])
+        cfg = json.loads((out / "models" / name / "config.json").read_text())
+        assert (cfg["anchor_mode"], cfg["vocab_size"]) == (mode, vocab)
+        assert (len(cfg["anchor_ids"]) > 0) == (mode != "full")
+    # The first step's loss is that of the untrained SmolLM2-135M, which predicts worse under the AnSAN mask.
+    assert report["training"]["control"]["first_loss"] < report["training"]["ep"]["first_loss"]
+
+
+@pytest.mark.slow
+def test_smoke_files_and_printout(smoke: tuple[Path, dict, str]) -> None:
+    out, report, stdout = smoke
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(report["stage_seconds"]) == list(STAGES)
+    assert all(v >= 0 for v in report["stage_seconds"].values())
+    assert report["total_seconds"] >= sum(report["stage_seconds"].values()) - 1e-6
+    md = (out / "results.md").read_text()
+    assert "SMOKE RUN" in md
+    header = "| model | mode | winogrande | avg | KV red. % rows | KV red. % prefix | time ratio |"
+    assert md.count(header) == 2
+    labels = ("SmolLM2-135M (base)", "control (full attention)", "AnLLM-EP", "AnLLM-AC")
+    data_rows = [line for line in md.splitlines() if line.startswith(tuple(f"| {label} | " for label in labels))]
+    assert len(data_rows) == 16 and all(line.count("|") == header.count("|") for line in data_rows)
+    for avg in ("65.8", "64.6", "65.1"):
+        assert f"| {avg} |" in md
+    for stage in STAGES:
+        assert stage in stdout
+    assert f"commit {report['commit']}" in stdout and report["hardware"] in stdout
+
+
+def test_bad_input_is_refused() -> None:
+    r = _run("--smoke", "--tasks", "nosuchtask", timeout=300)
+    assert r.returncode == 2 and "unknown task 'nosuchtask'" in r.stderr, r.stderr[-2000:]
+    r = _run("--limit", "-1", timeout=300)
+    assert r.returncode == 2 and "--limit must be >= 0" in r.stderr
