@@ -479,6 +479,12 @@ def generate(
             anchor_mode=anchor_mode,
             reserve=max_new_tokens + 1 if capacity is None else 0,
         )
+        if policy == "anchor" and capacity is None:
+            # Prefill needed room for a whole chunk; decoding needs only the kept entries plus the new tokens.
+            longest = int(np.max(jax.device_get(cache.length)))
+            cache = kvcache.resize(
+                cache, min(cache.capacity, _round_up(longest + max_new_tokens + 1, _CAPACITY_MULTIPLE))
+            )
         jax.block_until_ready(last_BV)
         t1 = time.perf_counter()
         cache, out_tok_BN, out_lp_BN, full_B = _decode_cached_jit(graphdef, state, cache, last_BV, key, settings)
