@@ -135,7 +135,7 @@ def select_path(info: masks.TokenInfo, block: int, capacity: int, tiers: tuple[i
     has_prev = prev >= 0
 
     def at_prev(x):
-        return jnp.take_along_axis(x, jnp.maximum(prev, 0), axis=1)
+        return _rows(lambda x, i: x[i], x, jnp.maximum(prev, 0))
 
     seg_prev, doc_prev = at_prev(info.seg), at_prev(info.doc)
     follows = ~valid | ~has_prev
@@ -157,14 +157,24 @@ def _gather_anchors(k, v, info: masks.TokenInfo, capacity: int):
     B, T = info.order.shape
     is_a = info.anchor & info.valid
     slot = jnp.where(is_a, jnp.cumsum(is_a, axis=1) - 1, capacity)
-    rows = jnp.arange(B)[:, None]
-    idx_BA = jnp.full((B, capacity), T, jnp.int32).at[rows, slot].set(jnp.arange(T, dtype=jnp.int32), mode="drop")
+    t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    idx_BA = _rows(lambda s, t: jnp.full((capacity,), T, jnp.int32).at[s].set(t, mode="drop"), slot, t)
 
     def take(x):
         x_pad = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-        return jnp.take_along_axis(x_pad, idx_BA.reshape(B, capacity, *([1] * (x.ndim - 2))), axis=1)
+        return _rows(lambda x, i: x[i], x_pad, idx_BA)
 
     return take(k), take(v), jax.tree.map(take, info), idx_BA
+
+
+def _rows(f, *arrays):
+    """`f` on each row: gathers and scatters vmapped over the batch stay local to a batch-sharded device."""
+    return jax.vmap(f)(*arrays)
+
+
+def scatter_add_rows(x_BT, idx_BA, upd_BA):
+    """x[b, idx[b, a]] += upd[b, a] for each row; out-of-range indices (empty anchor slots) are dropped."""
+    return _rows(lambda x, i, u: x.at[i].add(u, mode="drop"), x_BT, idx_BA, upd_BA)
 
 
 def _flat(info: masks.TokenInfo) -> masks.TokenInfo:
@@ -356,9 +366,8 @@ def _windowed_bwd(q, k, v, info, lse, do, C: int, n: int, capacity: int, n_prev:
         return (add_range(dkf, dkw), add_range(dvf, dvw), dka + dks, dva + dvs), dq
 
     (dkf, dvf, dka, dva), dq = jax.lax.scan(step, (zeros_f, zeros_f, zeros_a, zeros_a), xs)
-    rows = jnp.arange(B)[:, None]
-    dk = dkf[:, front:].at[rows, idx_BA].add(dka, mode="drop")
-    dv = dvf[:, front:].at[rows, idx_BA].add(dva, mode="drop")
+    dk = scatter_add_rows(dkf[:, front:], idx_BA, dka)
+    dv = scatter_add_rows(dvf[:, front:], idx_BA, dva)
     return _unchunk(dq).reshape(B, Tp, N, H), dk, dv
 
 

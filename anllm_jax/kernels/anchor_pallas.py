@@ -16,7 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import NamedSharding, PartitionSpec
 
 from anllm_jax import anchor_attention as aa
 from anllm_jax import masks
@@ -123,6 +125,47 @@ def _check_tiles(C: int, H: int, *tiles: int) -> None:
         raise ValueError(f"Pallas kernels need block={C} divisible by tiles {tiles} and a power-of-two head_dim={H}")
 
 
+def _batch_parallel(call_for_rows, *arrays: jax.Array):
+    """`call_for_rows(B)(*arrays)` for arrays that all lead with the batch: under a sharded batch each device runs
+    it on its own rows (a Pallas call is otherwise not partitioned: its inputs would be gathered everywhere)."""
+
+    def run(*arrays):
+        return call_for_rows(arrays[0].shape[0])(*arrays)
+
+    out_ndims = [len(o.shape) for o in jax.eval_shape(run, *arrays)]
+    per_row = custom_partitioning(run)
+
+    def batch_only(sharding, ndim):
+        return NamedSharding(
+            sharding.mesh, PartitionSpec(sharding.spec[0] if sharding.spec else None, *[None] * (ndim - 1))
+        )
+
+    def infer(mesh, arg_shapes, result_shape):
+        return tuple(batch_only(arg_shapes[0].sharding, len(r.shape)) for r in result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        lead = arg_shapes[0].sharding
+        outs = tuple(batch_only(lead, len(r.shape)) for r in result_shape)
+        return mesh, run, outs, tuple(batch_only(lead, len(a.shape)) for a in arg_shapes)
+
+    other_dims = []
+
+    def dims(ndim, tag):
+        rest = [f"{tag}{d}" for d in range(1, ndim)]
+        other_dims.extend(rest)
+        return " ".join(["b", *rest])
+
+    rule = ", ".join(dims(a.ndim, f"i{i}_") for i, a in enumerate(arrays))
+    rule += " -> " + ", ".join(dims(n, f"o{i}_") for i, n in enumerate(out_ndims))
+    per_row.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        need_replication_factors=tuple(other_dims),
+    )
+    return per_row(*arrays)
+
+
 @functools.partial(jax.jit, static_argnames=("C", "capacity", "interpret"))
 def windowed_fwd(q, k, v, info: masks.TokenInfo, *, C: int, capacity: int, interpret: bool = False):
     """o [B, Tp, N, H] and log-sum-exp [B, Tp, K, G] for Tp a multiple of C, under `masks.allowed`.
@@ -137,27 +180,36 @@ def windowed_fwd(q, k, v, info: masks.TokenInfo, *, C: int, capacity: int, inter
     _check_tiles(C, H, tile)
     n_tiles = Tp // tile
     slots, ka, va, ia, _, kf, vf, info_f, n_blocks = _setup(k, v, info, C, capacity, tile)
-    row, tile_of_row, per_head, tile_of, scalars = _specs(B, n_tiles, G, H)
-    o, lse_BNT = pl.pallas_call(
-        functools.partial(_fwd_kernel, C=C, tile=tile, scale=H**-0.5),
-        grid=(n_tiles, B, N),
-        in_specs=[
-            scalars,
-            tile_of(tile, 1),
-            per_head(Tp + C, G),
-            per_head(Tp + C, G),
-            per_head(slots, G),
-            per_head(slots, G),
-            *[tile_of_row(tile)] * 5,
-            *[row(Tp + C)] * 5,
-            *[row(slots)] * 5,
-        ],
-        out_specs=[tile_of(tile, 1), pl.BlockSpec((None, None, tile), lambda j, b, n: (b, n, j))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        compiler_params=pl_triton.CompilerParams(num_warps=8 if H > 64 else 4, num_stages=2),
-        interpret=interpret,
-        name="anchor_attention_fwd",
-    )(n_blocks, q, kf, vf, ka, va, *_int_fields(info), *_int_fields(info_f), *_int_fields(ia))
+
+    def call(rows):
+        row, tile_of_row, per_head, tile_of, scalars = _specs(rows, n_tiles, G, H)
+        return pl.pallas_call(
+            functools.partial(_fwd_kernel, C=C, tile=tile, scale=H**-0.5),
+            grid=(n_tiles, rows, N),
+            in_specs=[
+                scalars,
+                tile_of(tile, 1),
+                per_head(Tp + C, G),
+                per_head(Tp + C, G),
+                per_head(slots, G),
+                per_head(slots, G),
+                *[tile_of_row(tile)] * 5,
+                *[row(Tp + C)] * 5,
+                *[row(slots)] * 5,
+            ],
+            out_specs=[tile_of(tile, 1), pl.BlockSpec((None, None, tile), lambda j, b, n: (b, n, j))],
+            out_shape=[
+                jax.ShapeDtypeStruct((rows, Tp, N, H), q.dtype),
+                jax.ShapeDtypeStruct((rows, N, Tp), jnp.float32),
+            ],
+            compiler_params=pl_triton.CompilerParams(num_warps=8 if H > 64 else 4, num_stages=2),
+            interpret=interpret,
+            name="anchor_attention_fwd",
+        )
+
+    o, lse_BNT = _batch_parallel(
+        call, n_blocks, q, kf, vf, ka, va, *_int_fields(info), *_int_fields(info_f), *_int_fields(ia)
+    )
     return o, jnp.swapaxes(lse_BNT, 1, 2).reshape(B, Tp, K, G)
 
 
@@ -235,58 +287,70 @@ def windowed_bwd(q, k, v, info: masks.TokenInfo, o, lse, do, *, C: int, capacity
     delta_BNT = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
     q_info, f_info, a_info = _int_fields(info), _int_fields(info_f), _int_fields(ia)
     params = pl_triton.CompilerParams(num_warps=4, num_stages=2)
-    row, tile_of_row, per_head, tile_of, scalars = _specs(B, n_tiles, G, H)
     lse_tile = pl.BlockSpec((None, None, tile), lambda j, b, n: (b, n, j))
     lse_full = pl.BlockSpec((None, None, Tp), lambda j, b, n: (b, n, 0))
     f32 = jnp.float32
-    (dq,) = pl.pallas_call(
-        functools.partial(_dq_kernel, C=C, tile=tile, scale=H**-0.5),
-        grid=(n_tiles, B, N),
-        in_specs=[
-            scalars,
-            tile_of(tile, 1),
-            tile_of(tile, 1),
-            lse_tile,
-            lse_tile,
-            per_head(Tp + C, G),
-            per_head(Tp + C, G),
-            per_head(slots, G),
-            per_head(slots, G),
-            *[tile_of_row(tile)] * 5,
-            *[row(Tp + C)] * 5,
-            *[row(slots)] * 5,
-        ],
-        out_specs=[tile_of(tile, 1)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, f32)],
-        compiler_params=params,
-        interpret=interpret,
-        name="anchor_attention_dq",
-    )(n_blocks, q, do, lse_BNT, delta_BNT, kf, vf, ka, va, *q_info, *f_info, *a_info)
+
+    def dq_call(rows):
+        row, tile_of_row, per_head, tile_of, scalars = _specs(rows, n_tiles, G, H)
+        return pl.pallas_call(
+            functools.partial(_dq_kernel, C=C, tile=tile, scale=H**-0.5),
+            grid=(n_tiles, rows, N),
+            in_specs=[
+                scalars,
+                tile_of(tile, 1),
+                tile_of(tile, 1),
+                lse_tile,
+                lse_tile,
+                per_head(Tp + C, G),
+                per_head(Tp + C, G),
+                per_head(slots, G),
+                per_head(slots, G),
+                *[tile_of_row(tile)] * 5,
+                *[row(Tp + C)] * 5,
+                *[row(slots)] * 5,
+            ],
+            out_specs=[tile_of(tile, 1)],
+            out_shape=[jax.ShapeDtypeStruct((rows, Tp, N, H), f32)],
+            compiler_params=params,
+            interpret=interpret,
+            name="anchor_attention_dq",
+        )
+
+    (dq,) = _batch_parallel(dq_call, n_blocks, q, do, lse_BNT, delta_BNT, kf, vf, ka, va, *q_info, *f_info, *a_info)
 
     def dkv(q_lo, q_hi, kk, vv, k_info, key_len, same_seg, name):
         n_key_tiles = kk.shape[1] // key_len
-        out = jax.ShapeDtypeStruct((B, kk.shape[1], N, H), f32)
-        dk_BSNH, dv_BSNH = pl.pallas_call(
-            functools.partial(_dkv_kernel, tile=tile, same_seg=same_seg, scale=H**-0.5),
-            grid=(n_key_tiles, B, N),
-            in_specs=[
-                pl.BlockSpec((B, n_key_tiles), lambda j, b, n: (0, 0)),
-                pl.BlockSpec((B, n_key_tiles), lambda j, b, n: (0, 0)),
-                tile_of(key_len, G),
-                tile_of(key_len, G),
-                per_head(Tp, 1),
-                per_head(Tp, 1),
-                lse_full,
-                lse_full,
-                *[row(Tp)] * 5,
-                *[tile_of_row(key_len)] * 5,
-            ],
-            out_specs=[tile_of(key_len, 1)] * 2,
-            out_shape=[out, out],
-            compiler_params=params,
-            interpret=interpret,
-            name=name,
-        )(q_lo.astype(jnp.int32), q_hi.astype(jnp.int32), kk, vv, q, do, lse_BNT, delta_BNT, *q_info, *k_info)
+
+        def call(rows):
+            row, tile_of_row, per_head, tile_of, _ = _specs(rows, n_tiles, G, H)
+            key_scalars = pl.BlockSpec((rows, n_key_tiles), lambda j, b, n: (0, 0))
+            out = jax.ShapeDtypeStruct((rows, kk.shape[1], N, H), f32)
+            return pl.pallas_call(
+                functools.partial(_dkv_kernel, tile=tile, same_seg=same_seg, scale=H**-0.5),
+                grid=(n_key_tiles, rows, N),
+                in_specs=[
+                    key_scalars,
+                    key_scalars,
+                    tile_of(key_len, G),
+                    tile_of(key_len, G),
+                    per_head(Tp, 1),
+                    per_head(Tp, 1),
+                    lse_full,
+                    lse_full,
+                    *[row(Tp)] * 5,
+                    *[tile_of_row(key_len)] * 5,
+                ],
+                out_specs=[tile_of(key_len, 1)] * 2,
+                out_shape=[out, out],
+                compiler_params=params,
+                interpret=interpret,
+                name=name,
+            )
+
+        dk_BSNH, dv_BSNH = _batch_parallel(
+            call, q_lo.astype(jnp.int32), q_hi.astype(jnp.int32), kk, vv, q, do, lse_BNT, delta_BNT, *q_info, *k_info
+        )
         shape = (B, kk.shape[1], K, G, H)
         return dk_BSNH.reshape(shape).sum(3), dv_BSNH.reshape(shape).sum(3)
 
@@ -296,8 +360,7 @@ def windowed_bwd(q, k, v, info: masks.TokenInfo, o, lse, do, *, C: int, capacity
     q_hi = jnp.minimum((key_tiles // per_block + 2) * per_block, n_tiles)
     dk, dv = dkv(key_tiles, q_hi, k, v, q_info, tile, True, "anchor_attention_dkv_window")
     # Anchors: seen from the query tile of the anchor tile's first anchor on (empty tiles: from none).
-    first = jnp.take_along_axis(idx_BA, jnp.arange(0, slots, ANCHOR_BLOCK)[None], axis=1) // tile
+    first = idx_BA[:, ::ANCHOR_BLOCK] // tile
     last = jnp.full((B, na), n_tiles)
     dka, dva = dkv(first, last, ka, va, a_info, ANCHOR_BLOCK, False, "anchor_attention_dkv_anchors")
-    rows = jnp.arange(B)[:, None]
-    return dq, dk.at[rows, idx_BA].add(dka, mode="drop"), dv.at[rows, idx_BA].add(dva, mode="drop")
+    return dq, aa.scatter_add_rows(dk, idx_BA, dka), aa.scatter_add_rows(dv, idx_BA, dva)
