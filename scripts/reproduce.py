@@ -8,7 +8,7 @@ Stages, each timed:
    base-ep ("." tokens are anchors), base-ac (<AC> added, its rows copied from ".").
 2. prepare: the registry English corpus (Wikipedia leads + King James Bible) as a tfds dataset.
 3. train-control, train-ep, train-ac: configs/reproduce-{full,ep,ac}.yaml, identical but for the anchor mode;
-   each run is exported as a native checkpoint under DIR/models/.
+   each run exports its final model as a native checkpoint, DIR/runs/<run>/model.
 4. eval-base, eval-control, eval-ep, eval-ac: 0 and 5 shots in modes full (causal forward), no-cache (one AnSAN
    forward per row: the timing baseline) and anchor-cache (demonstrations prefilled once into the anchor cache).
    Base and control have no trained anchors; they are evaluated with "." as anchors.
@@ -80,7 +80,7 @@ PAPER = {
     "max_time_ratio": 3.5,
 }
 # Share of accelerator memory for the worker processes of --jobs > 1, split evenly among those running at once;
-# the driver keeps DRIVER_MEMORY for exporting and timing.
+# the driver keeps DRIVER_MEMORY for converting and timing.
 WORKER_MEMORY = 0.86
 DRIVER_MEMORY = 0.08
 # Targets of the reproduction for the AC model at 5 shots.
@@ -118,6 +118,9 @@ def convert(out: Path) -> dict[str, str]:
     from anllm_jax import checkpoints
 
     paths = {mode: out / "checkpoints" / f"base-{mode}" for mode in ("full", "ep", "ac")}
+    if all((p / "config.json").exists() for p in paths.values()):
+        log.info("reusing %s", out / "checkpoints")
+        return {mode: str(p) for mode, p in paths.items()}
     model, tokenizer = checkpoints.load("smollm2")
     checkpoints.save(model, tokenizer, str(paths["full"]))
     checkpoints.set_anchor_mode(model, tokenizer, "ep")
@@ -150,38 +153,20 @@ def _config_path(name: str) -> str:
     return str(REPO / "configs" / f"reproduce-{RUNS[name]}.yaml")
 
 
-def export(name: str, out: Path, run_dir: Path, params: Any = None) -> str:
-    """Native checkpoint DIR/models/<name> of a run's final weights (read from its last checkpoint unless given)."""
-    import jax
-    from flax import nnx
-
-    from anllm_jax import checkpoints, train
-    from anllm_jax.config import ModelConfig
-    from anllm_jax.model import Llama
-    from anllm_jax.tokenizer import Tokenizer
-
-    if params is None:
-        mcfg, state = train.restore_train_state(run_dir)
-        params = state["params"]
-    else:
-        mcfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0))))
-    # Host round trip: the exported weights carry no training-mesh sharding, so all models of one shape share the
-    # evaluation's compiled functions.
-    nnx.replace_by_pure_dict(abstract, jax.device_put(jax.device_get(params)))
-    path = out / "models" / name
-    checkpoints.save(nnx.merge(graphdef, abstract), Tokenizer.load(str(run_dir / "tokenizer")), str(path))
-    return str(path)
-
-
-def summarize_run(name: str, run_dir: Path, checkpoint: str, ppl: dict[str, Any]) -> dict[str, Any]:
+def summarize_run(name: str, run_dir: Path, ppl: dict[str, Any]) -> dict[str, Any]:
+    """A finished run: its exported model (<run dir>/model), steps, tokens, losses and held-out perplexities."""
     from anllm_jax.config import load_train_config
 
+    checkpoint = run_dir / "model"
+    if not (checkpoint / "config.json").exists():
+        raise FileNotFoundError(
+            f"{checkpoint} is missing: the run did not export its model; delete {run_dir} and rerun"
+        )
     cfg = load_train_config(str(run_dir / "config.yaml"))
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "anchor_mode": RUNS[name],
-        "checkpoint": checkpoint,
+        "checkpoint": str(checkpoint),
         "run_dir": str(run_dir),
         "steps": cfg.steps,
         "tokens": cfg.steps * cfg.global_batch_size * cfg.data.seq_len,
@@ -193,14 +178,13 @@ def summarize_run(name: str, run_dir: Path, checkpoint: str, ppl: dict[str, Any]
 
 
 def train_in_process(name: str, out: Path, start: str, corpus: str, smoke: bool) -> dict[str, Any]:
-    """One continual-pretraining run in this process, exported to DIR/models/<name>; returns its summary."""
+    """One continual-pretraining run in this process; returns its summary."""
     from anllm_jax import train
     from anllm_jax.config import load_train_config
 
     cfg = load_train_config(_config_path(name), _train_overrides(name, out, start, corpus, smoke))
     result = train.train(cfg)
-    checkpoint = export(name, out, result["run_dir"], result["state"]["params"])
-    return summarize_run(name, result["run_dir"], checkpoint, result)
+    return summarize_run(name, result["run_dir"], result)
 
 
 _PPL_LINE = re.compile(r"held-out perplexity (before|after) training: full mask ([\d.]+) \| AnSAN mask ([\d.]+)")
@@ -233,7 +217,7 @@ def run_workers(commands: dict[str, list[str]], out: Path, jobs: int) -> dict[st
 
 
 def train_parallel(out: Path, starts: dict[str, str], corpus: str, smoke: bool, jobs: int) -> dict[str, dict[str, Any]]:
-    """The three runs as `python -m anllm_jax.train` processes, `jobs` at a time, then each exported."""
+    """The three runs as `python -m anllm_jax.train` processes, `jobs` at a time."""
     commands = {
         f"train-{name}": [sys.executable, "-m", "anllm_jax.train", "--config", _config_path(name)]
         + _train_overrides(name, out, starts[mode], corpus, smoke)
@@ -245,8 +229,7 @@ def train_parallel(out: Path, starts: dict[str, str], corpus: str, smoke: bool, 
         ppl: dict[str, Any] = {}
         for when, full, ansan in _PPL_LINE.findall(texts[f"train-{name}"]):
             ppl[f"eval_{when}"] = {"full": float(full), "ansan": float(ansan)}
-        run_dir = out / "runs" / name
-        summaries[name] = summarize_run(name, run_dir, export(name, out, run_dir), ppl)
+        summaries[name] = summarize_run(name, out / "runs" / name, ppl)
     return summaries
 
 
@@ -266,11 +249,17 @@ def evaluate(
 
 def _load_for_eval(checkpoint: str, dtype: str):
     """The model and tokenizer; a full-attention model gets "." as anchors, as `python -m anllm_jax.eval` does."""
+    import jax
+    from flax import nnx
+
     from anllm_jax import checkpoints
 
     model, tokenizer = checkpoints.load(checkpoint, dtype=dtype)
     if model.cfg.anchor_mode == "full":
         checkpoints.set_anchor_mode(model, tokenizer, "ep")
+    # Weights restored from a checkpoint saved from host arrays come back uncommitted, which jit keys apart from
+    # committed ones: placing every model the same way lets models of one shape share compiled functions.
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
     return model, tokenizer
 
 

@@ -81,7 +81,7 @@ def test_smoke_training_runs_and_checkpoints(smoke: tuple[Path, dict, str]) -> N
         steps = [json.loads(line)["step"] for line in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2]
         assert math.isfinite(t["first_loss"]) and math.isfinite(t["final_loss"])
-        cfg = json.loads((out / "models" / name / "config.json").read_text())
+        cfg = json.loads((out / "runs" / name / "model" / "config.json").read_text())
         assert (cfg["anchor_mode"], cfg["vocab_size"]) == (mode, vocab)
         assert (len(cfg["anchor_ids"]) > 0) == (mode != "full")
     # The first step's loss is that of the untrained SmolLM2-135M, which predicts worse under the AnSAN mask.
