@@ -28,7 +28,7 @@ from flax import nnx
 
 from anllm_jax import kvcache, masks
 from anllm_jax.kvcache import KVCache
-from anllm_jax.model import Llama, _write_rows
+from anllm_jax.model import Llama, write_rows
 
 _MIN_BUCKET = 16
 _CAPACITY_MULTIPLE = 64
@@ -153,7 +153,7 @@ def _extend(model: Llama, cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Arr
         valid=valid_BT,
         doc=jnp.zeros((B, T), jnp.int32),
     )
-    k_info = jax.tree.map(lambda buf, new: _write_rows(buf, new, cache.length), cache.info, q_info)
+    k_info = jax.tree.map(lambda buf, new: write_rows(buf, new, cache.length), cache.info, q_info)
     logits_BTV, (k, v) = model.forward(tokens_BT, q_info.order, q_info, (cache.k, cache.v), k_info, cache.length)
     cache = dataclasses.replace(
         cache,

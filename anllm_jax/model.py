@@ -137,8 +137,8 @@ class Llama(nnx.Module):
             k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos_BTH, sin_BTH)
             v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
             if kv is not None:
-                k = _write_rows(kv[0], k, write_start_B)
-                v = _write_rows(kv[1], v, write_start_B)
+                k = write_rows(kv[0], k, write_start_B)
+                v = write_rows(kv[1], v, write_start_B)
             o = attention.attend(q, k, v, q_info, k_info, cfg.attention)
             x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o, p["wo"])
             h = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
@@ -160,10 +160,13 @@ class Llama(nnx.Module):
         return logits, new_cache
 
 
-def _write_rows(buf_BSKH: jax.Array, new_BTKH: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Write each row's new entries at its own slot offset (callers check capacity first)."""
+def write_rows(buf_BS: jax.Array, new_BT: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Write each row's new entries [B, T, ...] into buf [B, S, ...] at the row's own slot offset.
+
+    dynamic_update_slice clamps out-of-range offsets, so callers check capacity first.
+    """
     return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(
-        buf_BSKH, new_BTKH.astype(buf_BSKH.dtype), start_B
+        buf_BS, new_BT.astype(buf_BS.dtype), start_B
     )
 
 
