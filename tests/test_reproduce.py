@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,11 +35,12 @@ def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict, str]]:
     out = tmp_path_factory.mktemp("reproduce")
     r = _run("--smoke", "--out", str(out), timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return out, json.loads((out / "results.json").read_text()), r.stdout
+    yield out, json.loads((out / "results.json").read_text()), r.stdout
+    shutil.rmtree(out)  # ~8 GB of checkpoints and runs
 
 
 @pytest.mark.slow
