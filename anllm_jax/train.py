@@ -282,7 +282,7 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, A
         if mode == "ac" and model.cfg.anchor_mode != "ac":
             model, tokenizer = checkpoints.add_anchor_token(model, tokenizer, init=m.anchor_init)
         elif mode == "ep" and model.cfg.anchor_mode != "ep":
-            model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, "ep", ep_strings=m.ep_strings)
+            model = checkpoints.set_anchor_mode(model, tokenizer, "ep", ep_strings=m.ep_strings)
         mcfg = model.cfg.replace(anchor_mode=mode, **m.overrides)
         params = jax.device_get(nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
         want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(_abstract_params(mcfg)))

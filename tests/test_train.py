@@ -325,3 +325,30 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
     assert model.cfg.anchor_mode == "ac" and model.cfg.anchor_ids == (32000,) and tokenizer.anchor_ids("ac") == (32000,)
     _, state = train.restore_train_state(run, sharding.make_mesh(MeshConfig(), jax.devices()[:1]))
     np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(state["params"]["embed"]))
+
+
+@pytest.mark.parametrize("mode", ["ep", "ac"])
+def test_build_model_sets_the_anchor_variant_of_a_loaded_checkpoint(tmp_path, mode):
+    """Continual pretraining from a plain checkpoint: ep resolves "." to its token id, ac adds <AC>."""
+    import importlib.util
+
+    from anllm_jax import checkpoints
+    from anllm_jax.tokenizer import Tokenizer
+
+    sp = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+    tok = Tokenizer.from_sentencepiece(str(sp))
+    checkpoints.save(init_model(config.preset("tiny", vocab_size=tok.vocab_size)), tok, str(tmp_path / "base"))
+    raw = tiny_config(
+        tmp_path,
+        "variant",
+        load_parameters_path=str(tmp_path / "base"),
+        model={"overrides": {"dtype": "float32"}},
+        data={"anchor_mode": mode},
+    )
+    mcfg, params, tokenizer = train.build_model(config.train_config_from_dict(raw))
+    assert mcfg.anchor_mode == mode
+    if mode == "ep":
+        assert mcfg.anchor_ids == (tok.token_to_id("."),) and mcfg.vocab_size == tok.vocab_size
+    else:
+        assert mcfg.anchor_ids == (tokenizer.token_to_id("<AC>"),) and mcfg.vocab_size == tok.vocab_size + 1
+        assert params["embed"].shape[0] == tok.vocab_size + 1
