@@ -43,9 +43,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from anllm_jax import masks, sharding
+from anllm_jax import checkpoints, data, masks, sharding
 from anllm_jax.config import ModelConfig, OptimizerConfig, TrainConfig, load_train_config, preset
 from anllm_jax.model import Llama
+from anllm_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("anllm_jax.train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -247,8 +248,6 @@ def _gather_strings(text: str) -> list[str]:
 
 def resolve_path(path: str) -> str:
     if path == "smollm2":
-        from anllm_jax import checkpoints
-
         return checkpoints.smollm2_gguf_path()
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -260,8 +259,6 @@ def resolve_path(path: str) -> str:
 
 def load_tokenizer(path: str) -> Any:
     """A tokenizer from a saved/HF tokenizer directory, a tokenizer.json, or else a sentencepiece model file."""
-    from anllm_jax.tokenizer import Tokenizer
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"model.tokenizer_path {path} does not exist")
     if os.path.isdir(path):
@@ -276,8 +273,6 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, A
     m, mode = cfg.model, cfg.data.anchor_mode
     params = tokenizer = None
     if cfg.load_parameters_path:
-        from anllm_jax import checkpoints
-
         model, tokenizer = checkpoints.load(resolve_path(cfg.load_parameters_path))
         if mode == "ac" and model.cfg.anchor_mode != "ac":
             model, tokenizer = checkpoints.add_anchor_token(model, tokenizer, init=m.anchor_init)
@@ -509,8 +504,6 @@ def _make_iterator(cfg: TrainConfig, mcfg: ModelConfig, tokenizer: Any, shard: i
         return SyntheticIterator(
             mcfg.vocab_size, mcfg.anchor_ids, cfg.data.seq_len, cfg.global_batch_size, shard, n_shards, cfg.seed
         )
-    from anllm_jax import data
-
     if tokenizer is None:
         raise ValueError("dataset_type=corpus needs a tokenizer: set load_parameters_path or model.tokenizer_path")
     return data.make_iterator(cfg.data, tokenizer, cfg.global_batch_size, shard, n_shards)
@@ -784,16 +777,12 @@ def _export_model(directory: Path, graphdef: nnx.GraphDef, params: Any, tokenize
             "checkpoints.save instead"
         )
         return
-    from anllm_jax import checkpoints
-
     checkpoints.save(nnx.merge(graphdef, jax.device_get(params)), tokenizer, str(directory))
     log.info("model written to %s (python -m anllm_jax.generate / anllm_jax.eval read it)", directory)
 
 
 def _ensure_corpus(cfg: TrainConfig) -> None:
     """Build the default registry corpus when the config points at its default location and it is missing."""
-    from anllm_jax import data
-
     try:
         data.dataset_dir(cfg.data.path)
     except FileNotFoundError:
@@ -808,8 +797,6 @@ def _ensure_corpus(cfg: TrainConfig) -> None:
 def _load_run_tokenizer(run_dir: Path) -> Any:
     if not (run_dir / "tokenizer").exists():
         return None
-    from anllm_jax.tokenizer import Tokenizer
-
     return Tokenizer.load(str(run_dir / "tokenizer"))
 
 
@@ -884,8 +871,6 @@ def _report(row: dict[str, Any], prog: _Progress, log_every: int, writer: Any, m
 
 def _eval_batches(cfg: TrainConfig, tokenizer: Any, b_shard: NamedSharding) -> list[dict[str, jax.Array]]:
     """The first `eval.batches` batches of the validation split (rows cut as for training), as global batches."""
-    from anllm_jax import data
-
     n = cfg.eval.batch_size
     shard, n_shards = _process_rows(b_shard, n, cfg.data.seq_len)
     held_out = dataclasses.replace(cfg.data, split="validation", shuffle=False, num_epochs=1)
