@@ -134,16 +134,11 @@ def fast_env(tmp_path: Path, devices: int = 1) -> dict:
     )
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    raw = tiny_config(
-        tmp_path,
-        "nan",
-        optimizer={"lr": 1e30, "warmup_steps": 1, "grad_clip": 0.0},
-        checkpoint={"every_steps": 1, "keep": 3, "async_save": False},
-    )
+def run_job(tmp_path: Path, raw: dict) -> subprocess.CompletedProcess:
+    """Write `raw` as a config and run the train job on it to the end."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "anllm_jax.train", "--config", str(path)],
         cwd=ROOT,
         env=fast_env(tmp_path),
@@ -151,6 +146,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         text=True,
         timeout=300,
     )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    raw = tiny_config(
+        tmp_path,
+        "nan",
+        optimizer={"lr": 1e30, "warmup_steps": 1, "grad_clip": 0.0},
+        checkpoint={"every_steps": 1, "keep": 3, "async_save": False},
+    )
+    proc = run_job(tmp_path, raw)
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and re.match(r"anllm_jax.train: error: loss is (nan|inf) at step \d+;", errors[0]), errors
@@ -299,16 +304,7 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
         eval={"batches": 1, "batch_size": 2},
         checkpoint={"every_steps": 2, "keep": 1, "export_model": True},
     )
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run(
-        [sys.executable, "-m", "anllm_jax.train", "--config", str(path)],
-        cwd=ROOT,
-        env=fast_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_job(tmp_path, raw)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out perplexity before training" in proc.stderr and "after training" in proc.stderr
     run = tmp_path / "runs/corpus"
