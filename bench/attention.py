@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         lengths, B, N, H, dtype, iters = (512, 1024, 2048), 1, 4, 64, "float32", 3
         paths = [x for x in PATHS if x not in GPU_ONLY]
     else:
-        # The target length first, then the longest, so that a run cut short keeps what matters most.
+        # The target length (4096) first, then the longest, so that a run cut short keeps what matters most.
         lengths, B, N, H, dtype, iters = (4096, 32768, 2048, 8192, 16384), 4, 32, 128, "bfloat16", 10
         paths = list(PATHS) if backend == "gpu" else [x for x in PATHS if x not in GPU_ONLY]
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else lengths
