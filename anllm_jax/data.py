@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -208,6 +209,9 @@ def open_split(path: str | Path, split: str) -> Any:
 # Tokenization
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*$")
+
+
 def _ac_id(tokenizer: TextTokenizer) -> int:
     ids = tokenizer.anchor_ids("ac")
     if len(ids) != 1:
@@ -245,6 +249,15 @@ def encode_document(text: str, tokenizer: TextTokenizer, anchor_mode: str, add_b
             ids += _encode_continuation(tokenizer, text[prev_end:end], prefix_ids)
         ids.append(ac)
         prev_end = end
+    return ids
+
+
+def encode_prompt(text: str, tokenizer: TextTokenizer, anchor_mode: str, add_bos: bool = False) -> list[int]:
+    """Prompt ids laid out as in training: in "ac" mode `<AC>` after every finished sentence. A last sentence
+    without closing punctuation stays open (no `<AC>`), so generation continues it."""
+    ids = encode_document(text, tokenizer, anchor_mode, add_bos)
+    if anchor_mode == "ac" and ids[-1:] == [_ac_id(tokenizer)] and not _SENTENCE_END.search(text.rstrip()):
+        ids.pop()
     return ids
 
 

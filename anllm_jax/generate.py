@@ -546,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
-    from anllm_jax import checkpoints
+    from anllm_jax import checkpoints, data
 
     model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
     if tokenizer is None:
@@ -555,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     anchor_mode = args.anchor_mode or model.cfg.anchor_mode
     policy = args.cache or ("anchor" if anchor_mode != "full" else "full")
-    prompt = tokenizer.encode(args.prompt, add_bos=args.add_bos)
+    prompt = data.encode_prompt(args.prompt, tokenizer, anchor_mode, add_bos=args.add_bos)
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     gen = generate(
         model,

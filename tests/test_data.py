@@ -157,6 +157,21 @@ def test_ac_after_every_sentence(request, tok_name):
 
 
 @pytest.mark.parametrize("tok_name", ["sp_tok", "bpe_tok"])
+def test_prompts_keep_an_unfinished_last_sentence_open(request, tok_name):
+    tok = request.getfixturevalue(tok_name)
+    ac = tok.anchor_ids("ac")[0]
+    closed = "Dr. Reed measured 2.5 m of rope. The river rose in the spring."
+    assert data.encode_prompt(closed, tok, "ac") == data.encode_document(closed, tok, "ac", add_bos=False)
+    assert data.encode_prompt(closed, tok, "ac").count(ac) == 2
+    open_ = "Dr. Reed measured 2.5 m of rope. The capital of France is"
+    ids = data.encode_prompt(open_, tok, "ac")
+    assert ids.count(ac) == 1 and ids[-1] != ac
+    assert [t for t in ids if t != ac] == tok.encode(open_)
+    assert data.encode_prompt(open_, tok, "ep") == tok.encode(open_)
+    assert data.encode_prompt("", tok, "ac", add_bos=True) == [tok.bos_id]
+
+
+@pytest.mark.parametrize("tok_name", ["sp_tok", "bpe_tok"])
 def test_long_documents_are_cut_exactly(request, tok_name):
     tok = request.getfixturevalue(tok_name)
     text = " ".join(_doc(k) for k in range(60))
