@@ -163,12 +163,16 @@ def _bucket(n: int) -> int:
     return b
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _masked_loglik_jit(graphdef, state, tokens_BT, segment_ids_BT, targets_BT, weights_BT, anchor_mode: str):
-    """Sum over t of weights[b, t] * log p(targets[b, t] | tokens[b, :t+1]) under the mask of `anchor_mode`."""
-    logits_BTV = nnx.merge(graphdef, state)(tokens_BT, segment_ids_BT=segment_ids_BT, anchor_mode=anchor_mode)
-    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV, axis=-1), targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.sum(logp_BT * weights_BT, axis=1)
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _masked_loglik_jit(
+    graphdef, state, tokens_BT, segment_ids_BT, at_BK, targets_BK, weights_BK, anchor_mode: str
+) -> jax.Array:
+    """Sum over k of weights[b, k] * log p(targets[b, k] | tokens[b, :at[b, k]+1]) under the mask of
+    `anchor_mode`; the output head runs only at the positions `at_BK`."""
+    model = nnx.merge(graphdef, state)
+    logits_BKV = model(tokens_BT, segment_ids_BT=segment_ids_BT, anchor_mode=anchor_mode, logits_at_BK=at_BK)
+    logp_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BKV, axis=-1), targets_BK[..., None], axis=-1)[..., 0]
+    return jnp.sum(logp_BK * weights_BK, axis=1)
 
 
 def _doc_order(enc: EncodedTask) -> list[int]:
@@ -196,19 +200,24 @@ def score_masked(
         batch = order[i : i + n_docs]
         rows = [(d, o) for d in batch for o in range(len(enc.options[d]))]
         B = n_docs * n_opt
+        K = _bucket(max(len(enc.options[d][o][1]) for d, o in rows))
         tokens = np.zeros((B, T), np.int32)
         segments = np.zeros((B, T), np.int32)
-        targets = np.zeros((B, T), np.int32)
-        weights = np.zeros((B, T), np.float32)
+        at = np.zeros((B, K), np.int32)
+        targets = np.zeros((B, K), np.int32)
+        weights = np.zeros((B, K), np.float32)
         for r, (d, o) in enumerate(rows):
             row = enc.row(d, o)
             n_cont = len(enc.options[d][o][1])
             tokens[r, : len(row)] = row
             segments[r, : len(row)] = 1
-            targets[r, : len(row) - 1] = row[1:]
-            weights[r, len(row) - 1 - n_cont : len(row) - 1] = 1.0
+            # The logits at position t predict token t + 1: the continuation's tokens are predicted from the
+            # n_cont positions before the row's last.
+            at[r, :n_cont] = np.arange(len(row) - 1 - n_cont, len(row) - 1)
+            targets[r, :n_cont] = row[len(row) - n_cont :]
+            weights[r, :n_cont] = 1.0
         sums = np.asarray(
-            jax.device_get(_masked_loglik_jit(graphdef, state, tokens, segments, targets, weights, anchor_mode))
+            jax.device_get(_masked_loglik_jit(graphdef, state, tokens, segments, at, targets, weights, anchor_mode))
         )
         for r, (d, o) in enumerate(rows):
             if out[d] is None:
@@ -230,19 +239,23 @@ def _shared_context(options: list[tuple[list[int], list[int]]]) -> int:
     return n
 
 
-def score_anchor_cache(
-    model: Llama, enc: EncodedTask, batch_size: int = 16, progress: bool = True
+def score_cached(
+    model: Llama, enc: EncodedTask, policy: str = "anchor", batch_size: int = 16, progress: bool = True
 ) -> tuple[list[np.ndarray], dict[str, int]]:
-    """Per-document log-likelihoods with the anchor cache of a shared prefix, and statistics of that cache.
+    """Per-document log-likelihoods against the KV cache of a shared prefix, and statistics of that cache.
 
+    policy "anchor": the anchor cache under the model's AnSAN mask (equal to the "ansan" masked forward);
+    "full": every entry under the causal mask (equal to the "full" forward).
     With demonstrations, they are prefilled once and every question + option row is scored against the
     cache. Zero-shot, each document's shared context is prefilled and its options scored against it (a
     document whose options share no token is scored by the masked forward, which is the same function).
     """
+    anchor_mode = "full" if policy == "full" else None
+    mask = "full" if policy == "full" else "ansan"
     out: list[np.ndarray | None] = [None] * len(enc.docs)
     order = _doc_order(enc)
     stats = {"prefix_tokens": len(enc.prefix), "prefix_entries_kept": 0, "prefills": 0}
-    bar = tqdm(total=len(order), desc=f"{enc.name} anchor-cache", disable=not progress, leave=False)
+    bar = tqdm(total=len(order), desc=f"{enc.name} {policy}-cache", disable=not progress, leave=False)
 
     def collect(docs: list[int], rows: list[list[int]], logprobs: list[np.ndarray]) -> None:
         k = 0
@@ -254,7 +267,7 @@ def score_anchor_cache(
             out[d] = lls
 
     if enc.prefix:
-        cache, last_logits = generate.prefill(model, [enc.prefix], policy="anchor")
+        cache, last_logits = generate.prefill(model, [enc.prefix], policy=policy, anchor_mode=anchor_mode)
         stats["prefix_entries_kept"] = int(jax.device_get(cache.length)[0])
         stats["prefills"] = 1
         n_opt = max(len(o) for o in enc.options)
@@ -271,9 +284,11 @@ def score_anchor_cache(
             shared = _shared_context(enc.options[d])
             if shared == 0:
                 single = EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
-                out[d] = score_masked(model, single, "ansan", progress=False)[0]
+                out[d] = score_masked(model, single, mask, progress=False)[0]
             else:
-                cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy="anchor")
+                cache, last_logits = generate.prefill(
+                    model, [rows[0][:shared]], policy=policy, anchor_mode=anchor_mode
+                )
                 stats["prefix_entries_kept"] += int(jax.device_get(cache.length)[0])
                 stats["prefix_tokens"] += shared
                 stats["prefills"] += 1
@@ -371,13 +386,20 @@ def evaluate_task(
         elif mode == "ansan" and "no-cache" in done:
             lls, seconds, compile_s = done["no-cache"]
             extra["same_run_as"] = "no-cache"
+        elif mode == "full" and enc.prefix:
+            # The demonstrations' full KV cache, computed once: the same numbers as the causal forward over
+            # each whole prompt, without recomputing the demonstrations for every option.
+            (lls, cache_stats), seconds, compile_s = clock.measure(
+                lambda: score_cached(model, enc, "full", batch_size, progress)
+            )
+            extra |= cache_stats
         elif mode == "full":
             lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "full", token_budget, progress))
         elif mode in ("ansan", "no-cache"):
             lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "ansan", token_budget, progress))
         elif mode == "anchor-cache":
             (lls, cache_stats), seconds, compile_s = clock.measure(
-                lambda: score_anchor_cache(model, enc, batch_size, progress)
+                lambda: score_cached(model, enc, "anchor", batch_size, progress)
             )
             extra |= cache_stats
         else:

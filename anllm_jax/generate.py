@@ -139,8 +139,11 @@ def _round_up(n: int, m: int) -> int:
 # Jitted steps. The model travels as (graphdef, state) so that jit sees a static graph and array leaves.
 
 
-def _extend(model: Llama, cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Append each row's first n_new_B[b] tokens to its cache; logits float32 [B, T, V] of all T slots."""
+def _extend(
+    model: Llama, cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Array, logits_at_BK: jax.Array | None = None
+) -> tuple[jax.Array, KVCache]:
+    """Append each row's first n_new_B[b] tokens to its cache; logits float32 [B, T, V] of all T slots (or
+    [B, K, V] at the slots `logits_at_BK`)."""
     B, T = tokens_BT.shape
     t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid_BT = t_BT < n_new_B[:, None]
@@ -154,7 +157,9 @@ def _extend(model: Llama, cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Arr
         doc=jnp.zeros((B, T), jnp.int32),
     )
     k_info = jax.tree.map(lambda buf, new: write_rows(buf, new, cache.length), cache.info, q_info)
-    logits_BTV, (k, v) = model.forward(tokens_BT, q_info.order, q_info, (cache.k, cache.v), k_info, cache.length)
+    logits_BTV, (k, v) = model.forward(
+        tokens_BT, q_info.order, q_info, (cache.k, cache.v), k_info, cache.length, logits_at_BK
+    )
     cache = dataclasses.replace(
         cache,
         k=k,
@@ -171,11 +176,12 @@ def _extend(model: Llama, cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Arr
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("cache",))
 def _extend_jit(graphdef, state, cache, tokens_BT, n_new_B, output: str):
-    logits_BTV, cache = _extend(nnx.merge(graphdef, state), cache, tokens_BT, n_new_B)
     if output == "last":
-        last_B = jnp.maximum(n_new_B - 1, 0)
-        logits_BTV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
-    return logits_BTV, cache
+        logits_B1V, cache = _extend(
+            nnx.merge(graphdef, state), cache, tokens_BT, n_new_B, jnp.maximum(n_new_B - 1, 0)[:, None]
+        )
+        return logits_B1V[:, 0], cache
+    return _extend(nnx.merge(graphdef, state), cache, tokens_BT, n_new_B)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -194,8 +200,8 @@ def _masked_last_logits(model: Llama, buf_BW: jax.Array, len_B: jax.Array, ancho
     in_row_BW = (jnp.arange(W)[None, :] < len_B[:, None]).astype(jnp.int32)
     info = masks.token_info(buf_BW, jnp.asarray(anchor_ids, jnp.int32), None, in_row_BW)
     positions_BW = jnp.broadcast_to(jnp.arange(W, dtype=jnp.int32), (B, W))
-    logits_BWV, _ = model.forward(buf_BW, positions_BW, info)
-    return jnp.take_along_axis(logits_BWV, (len_B - 1)[:, None, None], axis=1)[:, 0]
+    logits_B1V, _ = model.forward(buf_BW, positions_BW, info, logits_at_BK=(len_B - 1)[:, None])
+    return logits_B1V[:, 0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

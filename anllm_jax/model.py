@@ -95,8 +95,10 @@ class Llama(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         positions_BT: jax.Array | None = None,
         anchor_mode: str | None = None,
+        logits_at_BK: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits float32[B, T, vocab] under the AnSAN mask of `anchor_mode` (default: the model's).
+        """Logits float32[B, T, vocab] under the AnSAN mask of `anchor_mode` (default: the model's); only at
+        positions `logits_at_BK` ([B, K], giving [B, K, vocab]) when those are given.
 
         `segment_ids_BT` are packed-document ids (0 marks padding); positions restart in each document
         unless `positions_BT` is given.
@@ -104,7 +106,7 @@ class Llama(nnx.Module):
         info = masks.token_info(tokens_BT, self.anchor_ids(anchor_mode), self.cfg.pad_id, segment_ids_BT)
         if positions_BT is None:
             positions_BT = positions_from_segments(segment_ids_BT, tokens_BT.shape)
-        logits, _ = self.forward(tokens_BT, positions_BT, info)
+        logits, _ = self.forward(tokens_BT, positions_BT, info, logits_at_BK=logits_at_BK)
         return logits
 
     def forward(
@@ -115,8 +117,12 @@ class Llama(nnx.Module):
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         k_info: masks.TokenInfo | None = None,
         write_start_B: jax.Array | None = None,
+        logits_at_BK: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Shared forward pass. Returns (logits float32[B, T, V], updated cache or None).
+
+        `logits_at_BK` (int [B, K]) computes the output head only at those positions, giving [B, K, V]: the
+        head is a fifth of a small model's FLOPs and most positions' logits are often not needed.
 
         Without a cache, the tokens attend to each other. With `kv_cache = (k, v)`, each [L, B, S, K, H],
         the new keys/values are written into each row at slot `write_start_B[b]` and the queries attend
@@ -150,6 +156,8 @@ class Llama(nnx.Module):
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
         x_BTD, new_cache = jax.lax.scan(layer, x_BTD, (self.blocks.arrays(), kv_cache))
+        if logits_at_BK is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
         x_BTD = rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.rms_eps)
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)

@@ -97,6 +97,21 @@ def test_anchor_cache_equals_ansan_ep(ep_model, name, shots):
         assert stats["prefix_entries_kept"] < stats["prefix_tokens"]
 
 
+@pytest.mark.parametrize("name", ["sciq", "hellaswag"])
+def test_full_mode_with_demonstrations_equals_causal_forward(ep_model, name):
+    """Few-shot full mode scores against the demonstrations' full KV cache: the same log-likelihoods as one
+    causal forward over each whole prompt."""
+    r, lls = ev.evaluate_task(ep_model, ByteTokenizer(), name, 2, ["full"], 3, progress=False)
+    assert r["modes"]["full"]["prefills"] == 1
+    assert r["modes"]["full"]["prefix_entries_kept"] == r["modes"]["full"]["prefix_tokens"] > 0
+    demos, docs = tasks.fewshot(tasks.load_task(name), 2)
+    enc = ev.encode_task(ByteTokenizer(), name, demos, docs[:3])
+    forward = ev.score_masked(ep_model, enc, "full", progress=False)
+    for x, y in zip(lls["full"], forward, strict=True):
+        assert np.argmax(x) == np.argmax(y)
+        np.testing.assert_allclose(x, y, atol=1e-3, rtol=0)
+
+
 def test_anchor_cache_equals_ansan_ac(ac_model):
     r, lls = ev.evaluate_task(ac_model, ByteTokenizer(), "arc_easy", 2, ["ansan", "anchor-cache"], 2, progress=False)
     for x, y in zip(lls["ansan"], lls["anchor-cache"], strict=True):
