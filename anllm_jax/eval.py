@@ -286,9 +286,7 @@ def score_cached(
                 single = EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
                 out[d] = score_masked(model, single, mask, progress=False)[0]
             else:
-                cache, last_logits = generate.prefill(
-                    model, [rows[0][:shared]], policy=policy, anchor_mode=anchor_mode
-                )
+                cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy=policy, anchor_mode=anchor_mode)
                 stats["prefix_entries_kept"] += int(jax.device_get(cache.length)[0])
                 stats["prefix_tokens"] += shared
                 stats["prefills"] += 1
