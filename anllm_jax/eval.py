@@ -463,7 +463,7 @@ def _fmt(x, pct: bool = False) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = []
+    lines = [] if results.get("complete", True) else ["**Partial results**: the run stopped or is still running.", ""]
     for shots, per_task in results["results"].items():
         modes = results["modes"]
         lines += [
@@ -549,8 +549,13 @@ def run(
     batch_size: int = 16,
     progress: bool = True,
     checkpoint: str = "",
+    output: str | None = None,
 ) -> tuple[dict, dict]:
-    """Evaluate every task at every shot count in every mode. Returns (results, log-likelihoods)."""
+    """Evaluate every task at every shot count in every mode. Returns (results, log-likelihoods).
+
+    With `output`, the reports are rewritten after every task (`"complete": false` until the last), so a long
+    run that is stopped keeps what it measured.
+    """
     check_shots(task_names, shots)
     results = {
         "checkpoint": checkpoint,
@@ -565,6 +570,7 @@ def run(
         "limit": limit,
         "fewshot_seed": tasks.FEWSHOT_SEED,
         "ac_sentences": ac_sentences,
+        "complete": False,
         "results": {},
     }
     lls: dict = {}
@@ -577,6 +583,9 @@ def run(
             results["results"][str(k)][name], lls[str(k)][name] = r, ll
             summary = ", ".join(f"{m} acc {100 * s['acc']:.1f} ({s['seconds']:.1f}s)" for m, s in r["modes"].items())
             print(f"[{k}-shot] {name} n={r['n']}: {summary}", file=sys.stderr)
+            if output is not None:
+                write_outputs(results, lls, output)
+    results["complete"] = True
     return results, lls
 
 
@@ -647,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.batch_size,
             not args.no_progress,
             args.checkpoint,
+            args.output,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -217,6 +217,26 @@ def test_cli_writes_reports(tmp_path, monkeypatch, capsys, ep_model):
     assert "| boolq | anchor-cache | 2 |" in table and "### 1-shot" in table
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| boolq | no-cache | 2 |" in capsys.readouterr().out
+    assert results["complete"] is True and "Partial" not in table
+
+
+def test_stopped_run_keeps_finished_tasks(tmp_path, monkeypatch, ep_model):
+    """Reports are rewritten after every task: a run that dies on its second task keeps the first."""
+    real = ev.evaluate_task
+
+    def dies_on_boolq(model, tokenizer, name, *args, **kwargs):
+        if name == "boolq":
+            raise KeyboardInterrupt
+        return real(model, tokenizer, name, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_task", dies_on_boolq)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        ev.run(ep_model, ByteTokenizer(), ["piqa", "boolq"], [0], ["full"], 2, progress=False, output=str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and list(results["results"]["0"]) == ["piqa"]
+    assert results["results"]["0"]["piqa"]["modes"]["full"]["n"] == 2
+    assert (out / "results.md").read_text().startswith("**Partial results**")
 
 
 def test_parse_shots_and_modes():
