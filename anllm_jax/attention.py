@@ -3,6 +3,10 @@
 Every backend takes queries [B, T, N, H], keys and values [B, S, K, H] (grouped-query: N is a multiple of K)
 and the `TokenInfo` of the query and key positions, and computes softmax attention under
 `masks.allowed(q_info, k_info)`.
+
+`cudnn_causal` is the one backend that does not read the rule: cuDNN's mask-free causal flash attention over
+each row's valid prefix. It equals the rule only for anchor-free rows holding one document followed by padding,
+which the config enforces (anchor_mode "full", no packing); it is the speed AnSAN training is measured against.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ def attend(
         return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
     if impl == "cudnn":
         return _cudnn(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+    if impl == "cudnn_causal":
+        if q_info is k_info and q_BTNH.shape[1] == k_BSKH.shape[1]:
+            return _causal(q_BTNH, k_BSKH, v_BSKH, q_info, "cudnn")
+        return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
     if impl in ("anchor", "anchor_pallas"):
         # The sparse path serves self-attention; queries against a KV cache take the dense path.
         if q_info is k_info and q_BTNH.shape[1] == k_BSKH.shape[1]:
             kernel = "pallas" if impl == "anchor_pallas" else "jax"
             return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel)
         return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
-    raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn, anchor or anchor_pallas")
+    raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn, cudnn_causal, anchor or anchor_pallas")
 
 
 def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
@@ -53,3 +61,22 @@ def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.
 def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
     """cuDNN fused attention (GPU, bf16/fp16); the AnSAN mask becomes a dense bias inside cuDNN."""
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation="cudnn")
+
+
+def _causal(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, info: masks.TokenInfo, implementation: str | None
+) -> jax.Array:
+    """Causal attention within each row's first sum(valid) tokens, without a mask array (cuDNN's flash path).
+
+    Padded queries' outputs are unspecified (no valid query reads them); valid queries never see padded keys.
+    """
+    lengths_B = jnp.sum(info.valid, axis=1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        is_causal=True,
+        query_seq_lengths=lengths_B,
+        key_value_seq_lengths=lengths_B,
+        implementation=implementation,
+    )

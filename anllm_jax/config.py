@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from anllm_jax.data import DataConfig
 
 ANCHOR_MODES = ("full", "ep", "ac")
-ATTENTION_IMPLS = ("xla", "cudnn", "anchor", "anchor_pallas")
+ATTENTION_IMPLS = ("xla", "cudnn", "cudnn_causal", "anchor", "anchor_pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -71,6 +71,11 @@ class ModelConfig:
         _check_choice("anchor_mode", self.anchor_mode, ANCHOR_MODES)
         _check_choice("attention", self.attention, ATTENTION_IMPLS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
+        if self.attention == "cudnn_causal" and self.anchor_mode != "full":
+            raise ValueError(
+                f"attention=cudnn_causal is plain causal attention and cannot apply anchor_mode={self.anchor_mode}; "
+                "use attention=cudnn, anchor or anchor_pallas for AnSAN"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "

@@ -79,6 +79,11 @@ class Llama(nnx.Module):
         mode = anchor_mode or self.cfg.anchor_mode
         if mode == "full":
             return jnp.zeros((0,), jnp.int32)
+        if self.cfg.attention == "cudnn_causal":
+            raise ValueError(
+                f"anchor_mode={mode!r} needs the AnSAN mask, but attention=cudnn_causal is plain causal; "
+                "switch the model to attention=cudnn, xla, anchor or anchor_pallas"
+            )
         if mode not in ("ep", "ac", "ansan"):
             raise ValueError(f"anchor_mode={mode!r} is not one of full, ep, ac, ansan")
         if not self.cfg.anchor_ids:

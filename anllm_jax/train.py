@@ -302,6 +302,11 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, A
             f"data.anchor_mode={mcfg.anchor_mode} needs anchor ids: set load_parameters_path, "
             "model.tokenizer_path or model.overrides.anchor_ids"
         )
+    if mcfg.attention == "cudnn_causal" and cfg.data.packing:
+        raise ValueError(
+            "attention=cudnn_causal ignores the document boundaries of packed rows; "
+            "set data.packing=false or use attention=cudnn"
+        )
     return mcfg, params, tokenizer
 
 

@@ -5,6 +5,9 @@
 #   bash bench/gpu_check.sh                 # results (JSON, logs) go to $OUT, or ./gpu_results without it
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh
 #   GPU_CHECK_ONLY="tests attention" bash bench/gpu_check.sh    # a subset: tests or bench script names
+#   GPU_CHECK_BUDGET_S=560 bash bench/gpu_check.sh              # total time; each step is cut to what is left
+#
+# Steps run most important first (the attention and training-step targets), so a short budget loses the least.
 #
 # Works with the machine's own python3 (jax 0.11, flax, optax, orbax, transformers, torch): packages it lacks
 # (pytest, ...) are installed from wheels in ./wheels when that folder exists, without network.
@@ -14,6 +17,7 @@ PY="${PYTHON:-python3}"
 RESULTS="${OUT:-gpu_results}"
 mkdir -p "$RESULTS"
 ONLY="${GPU_CHECK_ONLY:-all}"
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-560}))
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
@@ -32,14 +36,20 @@ run() {
   local name=$1 limit=$2
   shift 2
   case " $ONLY " in *" all "* | *" $name "*) ;; *) return ;; esac
-  echo "=== $name: $*"
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    SUMMARY+=("$(printf '%-16s %-26s' "$name" "skipped: budget spent")")
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
   local rc=${PIPESTATUS[0]}
   local status=ok
   [ "$rc" -ne 0 ] && status="failed (rc $rc)"
   [ "$rc" -eq 124 ] && status="timed out after ${limit}s"
-  SUMMARY+=("$(printf '%-12s %-26s %6ss' "$name" "$status" $((SECONDS - t0)))")
+  SUMMARY+=("$(printf '%-16s %-26s %6ss' "$name" "$status" $((SECONDS - t0)))")
 }
 # run_script NAME FILE LIMIT_S ARGS...: like run, for a bench script that may not exist yet.
 run_script() {
@@ -47,7 +57,7 @@ run_script() {
   shift 2
   case " $ONLY " in *" all "* | *" $name "*) ;; *) return ;; esac
   if [ ! -f "$file" ]; then
-    SUMMARY+=("$(printf '%-12s %-26s' "$name" "missing: $file")")
+    SUMMARY+=("$(printf '%-16s %-26s' "$name" "missing: $file")")
     return
   fi
   local limit=$1
@@ -55,18 +65,20 @@ run_script() {
   run "$name" "$limit" "$PY" "$file" "$@"
 }
 
+run_script attention bench/attention.py 200 --out "$RESULTS/attention.json"
+run_script train_throughput bench/train_throughput.py 120 --models llama3.2-1b --seqs 4096 --out "$RESULTS/train_throughput.json"
+run_script inference bench/inference.py 120 --out "$RESULTS/inference.json"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  run tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+  run tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
 else
-  SUMMARY+=("$(printf '%-12s %-26s' tests "skipped: no pytest")")
+  SUMMARY+=("$(printf '%-16s %-26s' tests "skipped: no pytest")")
 fi
-run_script attention bench/attention.py 360 --out "$RESULTS/attention.json"
-run_script eval_parity bench/eval_parity.py 120 --n 5 --json "$RESULTS/eval_parity.json"
-# Every other bench script, with its own defaults.
+run_script eval_parity bench/eval_parity.py 60 --n 5 --json "$RESULTS/eval_parity.json"
+# Any other bench script, with its own defaults.
 for f in bench/*.py; do
   name=$(basename "$f" .py)
-  case "$name" in attention | eval_parity) continue ;; esac
-  run_script "$name" "$f" 120
+  case "$name" in attention | train_throughput | inference | eval_parity) continue ;; esac
+  run_script "$name" "$f" 60
 done
 
 echo

@@ -33,7 +33,7 @@ from anllm_jax.config import MeshConfig, OptimizerConfig  # noqa: E402
 from anllm_jax.model import Llama  # noqa: E402
 
 ANCHOR = 13
-GPU_CASES = ("full:cudnn", "ansan:cudnn", "ansan:anchor", "ansan:anchor_pallas")
+GPU_CASES = ("full:cudnn_causal", "full:cudnn", "ansan:cudnn", "ansan:anchor", "ansan:anchor_pallas")
 CPU_CASES = ("full:xla", "ansan:xla", "ansan:anchor")
 
 
@@ -114,6 +114,22 @@ def main() -> None:
     cases = args.cases.split(",") if args.cases else list(CPU_CASES if on_cpu else GPU_CASES)
     n_dev = len(jax.devices())
     rows = []
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "devices": n_dev,
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "dtype": dtype,
+        "remat": remat,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
     header = (
         f"{'model':<26} {'T':>5} {'mask':<6} {'attention':<14} {'tokens/s':>10} {'TFLOP/s/dev':>11} {'MFU':>6} "
         f"{'step ms':>9} {'temp GiB':>8}"
@@ -138,6 +154,7 @@ def main() -> None:
                 except Exception as e:  # an unsupported path or OOM is a result row, not the end of the table
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 rows.append(row)
+                save()
                 if "error" in row:
                     print(f"{label:<26} {seq:>5} {mask:<6} {impl:<14} {row['error']}")
                     continue
@@ -147,18 +164,6 @@ def main() -> None:
                     f"{label:<26} {seq:>5} {mask:<6} {impl:<14} {row['tokens_per_s']:>10.0f} "
                     f"{row['tflops_per_device']:>11.3f} {mfu:>6} {1000 * row['step_s']:>9.1f} {temp:>8}"
                 )
-    result = {
-        "device": jax.devices()[0].device_kind,
-        "devices": n_dev,
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "dtype": dtype,
-        "remat": remat,
-        "rows": rows,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
 
 
