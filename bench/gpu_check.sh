@@ -65,15 +65,16 @@ run_script() {
   run "$name" "$limit" "$PY" "$file" "$@"
 }
 
-run_script attention bench/attention.py 200 --out "$RESULTS/attention.json"
-run_script train_throughput bench/train_throughput.py 120 --models llama3.2-1b --seqs 4096 --out "$RESULTS/train_throughput.json"
+run_script attention bench/attention.py 180 --lengths 4096,32768,2048,8192,16384 --out "$RESULTS/attention.json"
+run_script train_throughput bench/train_throughput.py 150 --models llama3.2-1b --seqs 4096 \
+  --cases full:cudnn_causal,ansan:anchor_pallas,ansan:anchor,ansan:cudnn,full:cudnn --out "$RESULTS/train_throughput.json"
 run_script inference bench/inference.py 120 --out "$RESULTS/inference.json"
 if "$PY" -c "import pytest" 2>/dev/null; then
   run tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
 else
   SUMMARY+=("$(printf '%-16s %-26s' tests "skipped: no pytest")")
 fi
-run_script eval_parity bench/eval_parity.py 60 --n 5 --json "$RESULTS/eval_parity.json"
+run_script eval_parity bench/eval_parity.py 40 --n 5 --json "$RESULTS/eval_parity.json"
 # Any other bench script, with its own defaults.
 for f in bench/*.py; do
   name=$(basename "$f" .py)
