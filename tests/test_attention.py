@@ -73,15 +73,7 @@ def test_causal_backend_needs_full_anchor_mode_and_unpacked_rows(tmp_path):
     assert train.build_model(config.train_config_from_dict(raw))[0].attention == "cudnn_causal"
 
 
-def _gpu_available():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU")
 def test_cudnn_causal_matches_dense_on_gpu():
     """The dispatcher's cuDNN path in bf16 equals the float32 dense reference within 1e-2 relative."""
     info, q, k, v, w = _case(2)
