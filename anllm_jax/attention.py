@@ -47,14 +47,15 @@ def attend(
 
 
 def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """Dense reference: float32 scores and softmax, mask applied with `where`."""
+    """Dense reference: float32 (or wider) scores and softmax, mask applied with `where`."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    acc = jnp.promote_types(q_BTNH.dtype, jnp.float32)  # float64 inputs (a numerical reference) stay float64
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=acc)
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS * (H**-0.5), _MASKED)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=acc)
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 

@@ -164,12 +164,11 @@ class Llama(nnx.Module):
         if logits_at_BK is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
         x_BTD = rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.rms_eps)
+        acc = jnp.promote_types(dtype, jnp.float32)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype), preferred_element_type=acc)
         else:
-            logits = jnp.einsum(
-                "btd,dv->btv", x_BTD, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
-            )
+            logits = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(dtype), preferred_element_type=acc)
         return logits, new_cache
 
 
@@ -193,7 +192,7 @@ def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, 
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return x32.astype(x.dtype) * scale.astype(x.dtype)
 
@@ -220,13 +219,14 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos, sin float32[B, T, head_dim] in the HF rotate_half layout (frequencies repeated twice)."""
-    ang = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_frequencies(cfg))
+    ft = jnp.promote_types(cfg.dtype, jnp.float32)
+    ang = positions_BT.astype(ft)[..., None] * jnp.asarray(inv_frequencies(cfg), ft)
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
 
 
 def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-    x = x_BTNH.astype(jnp.float32)
+    x = x_BTNH.astype(jnp.promote_types(x_BTNH.dtype, jnp.float32))
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = x * cos_BTH[:, :, None] + rotated * sin_BTH[:, :, None]
