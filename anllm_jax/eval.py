@@ -623,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="anchor mode to use when the model has none (default ep: '.' tokens are anchors)",
     )
     p.add_argument("--ac-sentences", action="store_true", help="ac models: <AC> after every demonstration sentence")
-    p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, or float64 (a reference)")
     p.add_argument("--token-budget", type=int, default=512, help="padded tokens per batch in full/ansan modes")
     p.add_argument("--batch-size", type=int, default=16, help="rows per batch in anchor-cache mode")
     p.add_argument("--no-progress", action="store_true")
@@ -635,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         check_shots(names, shots)
+        if args.dtype == "float64":  # a numerical reference run: without x64, JAX would compute in float32
+            jax.config.update("jax_enable_x64", True)
         model, tokenizer = _load(args.checkpoint, args.dtype)
         needs_anchors = any(m != "full" for m in modes)
         if args.anchors and args.anchors != model.cfg.anchor_mode or needs_anchors and model.cfg.anchor_mode == "full":
