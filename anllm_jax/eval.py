@@ -550,11 +550,12 @@ def run(
     progress: bool = True,
     checkpoint: str = "",
     output: str | None = None,
+    resume: bool = False,
 ) -> tuple[dict, dict]:
     """Evaluate every task at every shot count in every mode. Returns (results, log-likelihoods).
 
     With `output`, the reports are rewritten after every task (`"complete": false` until the last), so a long
-    run that is stopped keeps what it measured.
+    run that is stopped keeps what it measured; `resume` then takes the tasks already in `output` from there.
     """
     check_shots(task_names, shots)
     results = {
@@ -574,9 +575,15 @@ def run(
         "results": {},
     }
     lls: dict = {}
+    done, done_lls = _previous_run(results, output) if resume and output is not None else ({}, {})
     for k in shots:
         results["results"][str(k)], lls[str(k)] = {}, {}
         for name in task_names:
+            if name in done.get(str(k), {}) and name in done_lls.get(str(k), {}):
+                results["results"][str(k)][name] = done[str(k)][name]
+                lls[str(k)][name] = done_lls[str(k)][name]
+                print(f"[{k}-shot] {name}: taken from {output}", file=sys.stderr)
+                continue
             r, ll = evaluate_task(
                 model, tokenizer, name, k, modes, limit, ac_sentences, token_budget, batch_size, progress
             )
@@ -587,6 +594,25 @@ def run(
                 write_outputs(results, lls, output)
     results["complete"] = True
     return results, lls
+
+
+# Settings that must match for a resumed run to reuse earlier tasks' results.
+_RUN_KEYS = ("checkpoint", "dtype", "anchor_mode", "anchor_ids", "modes", "limit", "fewshot_seed", "ac_sentences")
+
+
+def _previous_run(results: dict, output: str) -> tuple[dict, dict]:
+    """Per-shot task results and log-likelihoods of an earlier run in `output` with the same settings."""
+    path = Path(output) / "results.json"
+    if not path.exists():
+        return {}, {}
+    old = json.loads(path.read_text())
+    differ = [key for key in _RUN_KEYS if old.get(key) != results[key]]
+    if differ:
+        raise ValueError(
+            f"--resume: {path} was written with other settings ({', '.join(differ)}); "
+            "drop --resume or pass another --output"
+        )
+    return old["results"], json.loads((Path(output) / "loglikelihoods.json").read_text())
 
 
 def write_outputs(results: dict, lls: dict, output: str) -> Path:
@@ -626,6 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, or float64 (a reference)")
     p.add_argument("--token-budget", type=int, default=512, help="padded tokens per batch in full/ansan modes")
     p.add_argument("--batch-size", type=int, default=16, help="rows per batch in anchor-cache mode")
+    p.add_argument("--resume", action="store_true", help="reuse the tasks already in --output (same settings)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -659,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_progress,
             args.checkpoint,
             args.output,
+            args.resume,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -253,6 +253,19 @@ def test_stopped_run_keeps_finished_tasks(tmp_path, monkeypatch, ep_model):
     assert results["results"]["0"]["piqa"]["modes"]["full"]["n"] == 2
     assert (out / "results.md").read_text().startswith("**Partial results**")
 
+    # --resume takes piqa from the stopped run and evaluates only boolq.
+    evaluated = []
+    monkeypatch.setattr(
+        ev, "evaluate_task", lambda m, t, name, *a, **k: evaluated.append(name) or real(m, t, name, *a, **k)
+    )
+    resumed, lls = ev.run(
+        ep_model, ByteTokenizer(), ["piqa", "boolq"], [0], ["full"], 2, progress=False, output=str(out), resume=True
+    )
+    assert evaluated == ["boolq"] and resumed["complete"] is True
+    assert resumed["results"]["0"]["piqa"] == results["results"]["0"]["piqa"] and len(lls["0"]["boolq"]["full"]) == 2
+    with pytest.raises(ValueError, match=r"other settings \(limit\); drop --resume"):
+        ev.run(ep_model, ByteTokenizer(), ["piqa"], [0], ["full"], 3, progress=False, output=str(out), resume=True)
+
 
 def test_parse_shots_and_modes():
     assert ev.parse_shots("0,5") == [0, 5]
