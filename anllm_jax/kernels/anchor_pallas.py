@@ -51,6 +51,23 @@ def _window_tiles(qt, C: int, tile: int):
     return first, qt - first + per_block + 1
 
 
+def _fold_keys(update, carry, qt, n_anchor_tiles, C: int, tile: int, kf_ref, vf_ref, f_refs, ka_ref, va_ref, a_refs):
+    """Fold `update(carry, k, v, key_info, same_seg)` over query tile qt's window key tiles (same-sentence keys),
+    then over its first `n_anchor_tiles` tiles of gathered anchors (other-sentence keys)."""
+    first, n_window = _window_tiles(qt, C, tile)
+
+    def window_tile(j, carry):
+        sl = pl.ds((first + j) * tile, tile)
+        return update(carry, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True)
+
+    def anchor_tile(j, carry):
+        sl = pl.ds(j * ANCHOR_BLOCK, ANCHOR_BLOCK)
+        return update(carry, ka_ref[sl, :], va_ref[sl, :], _info(a_refs, sl), False)
+
+    carry = jax.lax.fori_loop(0, n_window, window_tile, carry)
+    return jax.lax.fori_loop(0, n_anchor_tiles, anchor_tile, carry)
+
+
 def _fwd_kernel(n_blocks_ref, q_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C: int, tile: int, scale: float):
     q_refs, f_refs, a_refs = refs[0:5], refs[5:10], refs[10:15]
     o_ref, lse_ref = refs[15:]
@@ -68,19 +85,9 @@ def _fwd_kernel(n_blocks_ref, q_ref, kf_ref, vf_ref, ka_ref, va_ref, *refs, C: i
         acc = acc * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m_new, denom * corr + jnp.sum(p, axis=-1)
 
-    first, n_window = _window_tiles(qt, C, tile)
-
-    def window_tile(j, carry):
-        sl = pl.ds((first + j) * tile, tile)
-        return update(carry, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True)
-
-    def anchor_tile(j, carry):
-        sl = pl.ds(j * ANCHOR_BLOCK, ANCHOR_BLOCK)
-        return update(carry, ka_ref[sl, :], va_ref[sl, :], _info(a_refs, sl), False)
-
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((tile,), _MASKED), jnp.zeros((tile,), jnp.float32))
-    carry = jax.lax.fori_loop(0, n_window, window_tile, carry)
-    acc, m, denom = jax.lax.fori_loop(0, n_blocks_ref[b, qt], anchor_tile, carry)
+    keys = (kf_ref, vf_ref, f_refs, ka_ref, va_ref, a_refs)
+    acc, m, denom = _fold_keys(update, carry, qt, n_blocks_ref[b, qt], C, tile, *keys)
     denom = jnp.where(denom > 0, denom, 1.0)
     o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(denom)
@@ -231,18 +238,8 @@ def _dq_kernel(n_blocks_ref, q_ref, do_ref, lse_ref, delta_ref, kf_ref, vf_ref, 
         ds = (p * (dp - delta[:, None]) * scale).astype(k.dtype)
         return dq + jnp.dot(ds, k, preferred_element_type=jnp.float32)
 
-    first, n_window = _window_tiles(qt, C, tile)
-
-    def window_tile(j, dq):
-        sl = pl.ds((first + j) * tile, tile)
-        return update(dq, kf_ref[sl, :], vf_ref[sl, :], _info(f_refs, sl), True)
-
-    def anchor_tile(j, dq):
-        sl = pl.ds(j * ANCHOR_BLOCK, ANCHOR_BLOCK)
-        return update(dq, ka_ref[sl, :], va_ref[sl, :], _info(a_refs, sl), False)
-
-    dq = jax.lax.fori_loop(0, n_window, window_tile, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = jax.lax.fori_loop(0, n_blocks_ref[b, qt], anchor_tile, dq)
+    keys = (kf_ref, vf_ref, f_refs, ka_ref, va_ref, a_refs)
+    dq_ref[...] = _fold_keys(update, jnp.zeros(q.shape, jnp.float32), qt, n_blocks_ref[b, qt], C, tile, *keys)
 
 
 def _dkv_kernel(q_lo_ref, q_hi_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, tile, same_seg, scale):
