@@ -33,16 +33,14 @@ def attend(
         return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
     if impl == "cudnn":
         return _cudnn(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
-    if impl == "cudnn_causal":
-        if q_info is k_info and q_BTNH.shape[1] == k_BSKH.shape[1]:
+    if impl in ("cudnn_causal", "anchor", "anchor_pallas"):
+        # These serve self-attention; queries against a KV cache take the dense path.
+        if q_info is not k_info or q_BTNH.shape[1] != k_BSKH.shape[1]:
+            return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+        if impl == "cudnn_causal":
             return _causal(q_BTNH, k_BSKH, v_BSKH, q_info, "cudnn")
-        return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
-    if impl in ("anchor", "anchor_pallas"):
-        # The sparse path serves self-attention; queries against a KV cache take the dense path.
-        if q_info is k_info and q_BTNH.shape[1] == k_BSKH.shape[1]:
-            kernel = "pallas" if impl == "anchor_pallas" else "jax"
-            return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel)
-        return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+        kernel = "pallas" if impl == "anchor_pallas" else "jax"
+        return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel)
     raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn, cudnn_causal, anchor or anchor_pallas")
 
 

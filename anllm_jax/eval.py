@@ -250,8 +250,8 @@ def score_cached(
     cache. Zero-shot, each document's shared context is prefilled and its options scored against it (a
     document whose options share no token is scored by the masked forward, which is the same function).
     """
-    anchor_mode = "full" if policy == "full" else None
-    mask = "full" if policy == "full" else "ansan"
+    anchor_mode = "full" if policy == "full" else None  # None: the model's own anchors
+    mask = anchor_mode or "ansan"
     out: list[np.ndarray | None] = [None] * len(enc.docs)
     order = _doc_order(enc)
     stats = {"prefix_tokens": len(enc.prefix), "prefix_entries_kept": 0, "prefills": 0}

@@ -176,12 +176,9 @@ def _extend(
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("cache",))
 def _extend_jit(graphdef, state, cache, tokens_BT, n_new_B, output: str):
-    if output == "last":
-        logits_B1V, cache = _extend(
-            nnx.merge(graphdef, state), cache, tokens_BT, n_new_B, jnp.maximum(n_new_B - 1, 0)[:, None]
-        )
-        return logits_B1V[:, 0], cache
-    return _extend(nnx.merge(graphdef, state), cache, tokens_BT, n_new_B)
+    last_B1 = jnp.maximum(n_new_B - 1, 0)[:, None] if output == "last" else None
+    logits, cache = _extend(nnx.merge(graphdef, state), cache, tokens_BT, n_new_B, last_B1)
+    return (logits[:, 0] if output == "last" else logits), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
