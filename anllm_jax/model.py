@@ -218,7 +218,8 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 
 def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin float32[B, T, head_dim] in the HF rotate_half layout (frequencies repeated twice)."""
+    """cos, sin [B, T, head_dim] (float32, float64 for a float64 model) in the HF rotate_half layout (frequencies
+    repeated twice)."""
     ft = jnp.promote_types(cfg.dtype, jnp.float32)
     ang = positions_BT.astype(ft)[..., None] * jnp.asarray(inv_frequencies(cfg), ft)
     ang = jnp.concatenate([ang, ang], axis=-1)
