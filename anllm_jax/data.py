@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from anllm_jax import records
 from anllm_jax.config import ANCHOR_MODES
 from anllm_jax.corpus import REGISTRY, AnllmCorpus, iter_documents
 from anllm_jax.sentences import sentence_spans
@@ -180,9 +181,7 @@ def prepare(
     builder.download_and_prepare()
     stats["splits"] = {name: info.num_examples for name, info in builder.info.splits.items()}
     record = {"spec": spec, "dataset_dir": str(Path(builder.data_dir).resolve()), "stats": stats}
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(record_path)
+    records.write_json(record_path, record)
     return Path(builder.data_dir)
 
 

@@ -23,9 +23,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +34,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from anllm_jax import generate, kvcache, tasks
+from anllm_jax import generate, kvcache, records, tasks
 from anllm_jax.model import Llama
 
 MODES = ("full", "ansan", "anchor-cache", "no-cache")
@@ -520,23 +517,6 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _device() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
-    return f"{d.platform}: {d.device_kind} x{jax.device_count()}"
-
-
 def run(
     model: Llama,
     tokenizer,
@@ -560,8 +540,8 @@ def run(
     check_shots(task_names, shots)
     results = {
         "checkpoint": checkpoint,
-        "commit": _commit(),
-        "device": _device(),
+        "commit": records.commit(),
+        "device": records.hardware(),
         "jax": jax.__version__,
         "dtype": model.cfg.dtype,
         "anchor_mode": model.cfg.anchor_mode,
@@ -618,9 +598,10 @@ def _previous_run(results: dict, output: str) -> tuple[dict, dict]:
 def write_outputs(results: dict, lls: dict, output: str) -> Path:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "loglikelihoods.json").write_text(json.dumps(lls))
-    (out / "results.md").write_text(markdown_table(results))
+    # Log-likelihoods first: --resume trusts results.json, so it must never name tasks missing from them.
+    records.write_json(out / "loglikelihoods.json", lls, indent=None)
+    records.write_json(out / "results.json", results, indent=2)
+    records.write_text(out / "results.md", markdown_table(results))
     plot(results, out / "results.png")
     return out
 

@@ -20,12 +20,10 @@ of the timed function (XLA's memory analysis), which excludes inputs and outputs
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from anllm_jax import anchor_attention, attention, masks  # noqa: E402
+from anllm_jax import anchor_attention, attention, masks, records  # noqa: E402
 
 ANCHOR = 1
 PATHS = ("anchor_pallas", "anchor", "cudnn_causal", "cudnn_mask", "xla_dense")
@@ -170,16 +168,6 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small CPU sizes: B=1, 4 heads, head_dim 64, float32")
@@ -232,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         "backend": backend,
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "commit": git_commit(),
+        "commit": records.commit(),
         "host": platform.node(),
         "shape": {"B": B, "heads": N, "kv_heads": K, "head_dim": H, "dtype": dtype.name, "sentences": "8-40"},
         "flops": "causal: 4*B*N*H*T(T+1)/2 per forward; mask: 4*B*N*H*allowed entries; fwd+bwd = 3x fwd",
@@ -248,19 +236,13 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             rows.append(run_one(path, B, T, N, K, H, dtype, iters, seed=T))
             print_row_progress(rows[-1])
-            write_json(a.out, meta, rows)  # after every row: a run cut short keeps what it measured
+            # After every row: a run cut short keeps what it measured.
+            records.write_json(a.out, {"meta": meta, "rows": rows})
     print(f"\n{meta['device']} ({backend}), jax {meta['jax']}, {meta['date']}, commit {meta['commit']}")
     print(f"B={B} heads={N} kv_heads={K} head_dim={H} {dtype.name}, sentences 8-40 tokens")
     print_table(sorted(rows, key=lambda r: (r["T"], PATHS.index(r["path"]))))
-    write_json(a.out, meta, rows)
+    records.write_json(a.out, {"meta": meta, "rows": rows})
     print(f"wrote {a.out}")
-
-
-def write_json(path: str, meta: dict, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def print_row_progress(r: dict) -> None:

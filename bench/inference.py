@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -38,7 +36,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from anllm_jax import generate as gen_lib  # noqa: E402
-from anllm_jax import kvcache  # noqa: E402
+from anllm_jax import kvcache, records  # noqa: E402
 from anllm_jax.config import preset  # noqa: E402
 from anllm_jax.model import Llama, init_model  # noqa: E402
 
@@ -204,13 +202,6 @@ def bench_five_shot(model: Llama, args, rng: np.random.Generator) -> dict:
     }
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     gpu = jax.default_backend() == "gpu"
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -242,7 +233,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report = {
         "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
+        "commit": records.commit(),
         "device": str(jax.devices()[0].device_kind),
         "platform": platform.processor() or platform.machine(),
         "jax": jax.__version__,
@@ -255,9 +246,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        records.write_json(args.out, report)
 
     rng = np.random.default_rng(0)
     head = (

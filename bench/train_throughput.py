@@ -17,7 +17,6 @@ dense bf16 peak (`train.PEAK_FLOPS`; n/a on CPUs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from anllm_jax import config, sharding, train  # noqa: E402
+from anllm_jax import config, records, sharding, train  # noqa: E402
 from anllm_jax.config import MeshConfig, OptimizerConfig  # noqa: E402
 from anllm_jax.model import Llama  # noqa: E402
 
@@ -126,9 +125,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save() -> None:  # after every row: a run cut short keeps what it measured
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        records.write_json(args.out, result)
 
     header = (
         f"{'model':<26} {'T':>5} {'mask':<6} {'attention':<14} {'tokens/s':>10} {'TFLOP/s/dev':>11} {'MFU':>6} "

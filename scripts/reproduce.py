@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(DRIVER_MEMORY))
     import jax
 
-    from anllm_jax import eval, tasks
+    from anllm_jax import eval, records, tasks
 
     on_cpu = jax.devices()[0].platform == "cpu"
     if on_cpu and not args.smoke:
@@ -558,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    log.info("output %s | commit %s | %s | tasks %s | limit %s", out, eval._commit(), eval._device(), task_names, limit)
+    log.info(
+        "output %s | commit %s | %s | tasks %s | limit %s", out, records.commit(), records.hardware(), task_names, limit
+    )
 
     timer = Timer()
     starts = timer.run("convert", convert, out)
@@ -590,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     timer.stages["report"] = time.perf_counter() - t0
     report = {
         "smoke": args.smoke,
-        "commit": eval._commit(),
-        "hardware": eval._device(),
+        "commit": records.commit(),
+        "hardware": records.hardware(),
         "jax": jax.__version__,
         "eval_dtype": dtype,
         "tasks": task_names,
@@ -608,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         "stage_seconds": timer.stages,
         "total_seconds": timer.total(),
     }
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(markdown(report))
+    records.write_json(out / "results.json", report)
+    records.write_text(out / "results.md", markdown(report))
     print(markdown(report))
     for stage, seconds in timer.stages.items():
         print(f"{stage:>14}: {seconds:7.1f} s")
