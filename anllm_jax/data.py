@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ import tensorflow_datasets as tfds
 from anllm_jax import records
 from anllm_jax.config import ANCHOR_MODES
 from anllm_jax.corpus import REGISTRY, AnllmCorpus, iter_documents
-from anllm_jax.sentences import sentence_spans
+from anllm_jax.sentences import is_closed, sentence_spans
 
 DATASET_NAME = "anllm_corpus"
 PREPARE_RECORD = "prepare.json"
@@ -208,9 +207,6 @@ def open_split(path: str | Path, split: str) -> Any:
 # Tokenization
 
 
-_SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*$")
-
-
 def _ac_id(tokenizer: TextTokenizer) -> int:
     ids = tokenizer.anchor_ids("ac")
     if len(ids) != 1:
@@ -255,7 +251,7 @@ def encode_prompt(text: str, tokenizer: TextTokenizer, anchor_mode: str, add_bos
     """Prompt ids laid out as in training: in "ac" mode `<AC>` after every finished sentence. A last sentence
     without closing punctuation stays open (no `<AC>`), so generation continues it."""
     ids = encode_document(text, tokenizer, anchor_mode, add_bos)
-    if anchor_mode == "ac" and ids[-1:] == [_ac_id(tokenizer)] and not _SENTENCE_END.search(text.rstrip()):
+    if anchor_mode == "ac" and ids[-1:] == [_ac_id(tokenizer)] and not is_closed(text):
         ids.pop()
     return ids
 

@@ -54,6 +54,8 @@ _CLOSE = "\"'”’»)]}"
 _CANDIDATE = re.compile(
     r"(?P<word>\S*?)(?P<term>(?:[.!?…])+)(?P<close>[" + re.escape(_CLOSE) + r"]*)(?P<space>\s+)(?=\S)"
 )
+# The end of a text whose last sentence is finished: the same terminators and closers as _CANDIDATE.
+_CLOSED_END = re.compile(r"(?P<word>\S*?)(?P<term>[.!?…]+)[" + re.escape(_CLOSE) + r"]*$")
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _DOTTED_ACRONYM = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
 
@@ -114,6 +116,15 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     if pos < len(text):
         _split_paragraph(text, pos, len(text), spans)
     return spans
+
+
+def is_closed(text: str) -> bool:
+    """Whether the last sentence of `text` is finished: it ends with a terminator and optional closing quotes or
+    brackets, and the terminator is not a title's full stop ("Dr.", "e.g.") that a name or word must follow."""
+    m = _CLOSED_END.search(text.rstrip())
+    if m is None:
+        return False
+    return m.group("term") != "." or m.group("word").lstrip(_OPEN).lower() not in _NON_FINAL
 
 
 def split_sentences(text: str) -> list[str]:

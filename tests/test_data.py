@@ -169,6 +169,9 @@ def test_prompts_keep_an_unfinished_last_sentence_open(request, tok_name):
     assert [t for t in ids if t != ac] == tok.encode(open_)
     assert data.encode_prompt(open_, tok, "ep") == tok.encode(open_)
     assert data.encode_prompt("", tok, "ac", add_bos=True) == [tok.bos_id]
+    for closed_end in ("The river rose…", "He said «it rose.»", "The river rose.)"):
+        assert data.encode_prompt(closed_end, tok, "ac")[-1] == ac
+    assert data.encode_prompt("The book was written by Dr.", tok, "ac")[-1] != ac
 
 
 @pytest.mark.parametrize("tok_name", ["sp_tok", "bpe_tok"])

@@ -3,7 +3,7 @@
 import pytest
 
 from anllm_jax.corpus import iter_documents
-from anllm_jax.sentences import sentence_spans, split_sentences
+from anllm_jax.sentences import is_closed, sentence_spans, split_sentences
 
 
 @pytest.mark.parametrize(
@@ -108,6 +108,33 @@ def test_paragraphs_and_trailing_fragment():
     ]
     assert split_sentences("") == []
     assert split_sentences(" \n\n ") == []
+
+
+@pytest.mark.parametrize(
+    "text, closed",
+    [
+        ("The river rose.", True),
+        ("Why did it rise?  ", True),
+        ("It rose!\n", True),
+        ("It rose…", True),
+        ("It rose...", True),
+        ('He said "it rose."', True),
+        ("He said «it rose.»", True),
+        ("(It rose.)", True),
+        ("{It rose.}", True),
+        ("It rose in the U.S.", True),
+        ("The capital of France is", False),
+        ("The value is 3.5", False),
+        ("It was written by Dr.", False),
+        ("Some fruit, e.g.", False),
+        ("", False),
+    ],
+)
+def test_is_closed_uses_the_splitters_terminators_and_closers(text, closed):
+    assert is_closed(text) is closed
+    # wherever a text is closed, the splitter ends a sentence there when a new one follows
+    if closed:
+        assert split_sentences(text + " The next one.")[-1] == "The next one."
 
 
 def test_spans_cover_all_text_on_real_corpus():
