@@ -140,27 +140,31 @@ class Llama(nnx.Module):
         if kv_cache is None:
             k_info = q_info
 
-        def layer(x_BTD, xs):
-            p, kv = xs
+        def layer(carry, xs):
+            # The cache rides in the carry, not in xs/ys: each layer writes only its new slots in place, where
+            # xs -> ys would copy every layer's whole cache and hold two caches at once.
+            x_BTD, kv = carry
+            p, i = xs
             p = {name: w.astype(dtype) for name, w in p.items()}
             h = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps)
             q = apply_rope(jnp.einsum("btd,dnh->btnh", h, p["wq"]), cos_BTH, sin_BTH)
             k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos_BTH, sin_BTH)
             v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
             if kv is not None:
-                k = write_rows(kv[0], k, write_start_B)
-                v = write_rows(kv[1], v, write_start_B)
+                kv = (write_rows(kv[0], k, write_start_B, i), write_rows(kv[1], v, write_start_B, i))
+                k, v = kv[0][i], kv[1][i]
             o = attention.attend(q, k, v, q_info, k_info, cfg.attention)
             x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o, p["wo"])
             h = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
             g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
             u = jnp.einsum("btd,df->btf", h, p["w_up"])
             x_BTD = x_BTD + jnp.einsum("btf,fd->btd", g * u, p["w_down"])
-            return x_BTD, (None if kv is None else (k, v))
+            return (x_BTD, kv), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x_BTD, new_cache = jax.lax.scan(layer, x_BTD, (self.blocks.arrays(), kv_cache))
+        layers = (self.blocks.arrays(), jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        (x_BTD, new_cache), _ = jax.lax.scan(layer, (x_BTD, kv_cache), layers)
         if logits_at_BK is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
         x_BTD = rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.rms_eps)
@@ -172,14 +176,17 @@ class Llama(nnx.Module):
         return logits, new_cache
 
 
-def write_rows(buf_BS: jax.Array, new_BT: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Write each row's new entries [B, T, ...] into buf [B, S, ...] at the row's own slot offset.
+def write_rows(buf: jax.Array, new_BT: jax.Array, start_B: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """Write each row's new entries [B, T, ...] into buf [B, S, ...] (or into layer `layer` of a stacked cache
+    buf [L, B, S, ...]) at the row's own slot offset; only the new entries are written.
 
-    dynamic_update_slice clamps out-of-range offsets, so callers check capacity first.
+    Entries that would land past slot S are dropped, so callers check capacity first.
     """
-    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(
-        buf_BS, new_BT.astype(buf_BS.dtype), start_B
-    )
+    B, T = new_BT.shape[:2]
+    idx = (jnp.arange(B)[:, None], start_B[:, None] + jnp.arange(T, dtype=start_B.dtype))
+    if layer is not None:
+        idx = (layer, *idx)
+    return buf.at[idx].set(new_BT.astype(buf.dtype), mode="drop")
 
 
 def positions_from_segments(segment_ids_BT: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
