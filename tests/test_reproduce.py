@@ -43,6 +43,10 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     shutil.rmtree(out)  # ~8 GB of checkpoints and runs
 
 
+# The tests below share one smoke run: on one xdist worker (--dist loadgroup), in file order.
+pytestmark = pytest.mark.xdist_group("reproduce")
+
+
 @pytest.mark.slow
 def test_smoke_table_rows_and_numbers(smoke: tuple[Path, dict, str]) -> None:
     out, report, _ = smoke
@@ -146,3 +150,26 @@ def test_workers_run_at_most_jobs_at_once_and_failures_name_their_log(tmp_path: 
     bad = {"ok": [sys.executable, "-c", "print('fine')"], "bad": [sys.executable, "-c", "print('boom'); exit(3)"]}
     with pytest.raises(RuntimeError, match=r"bad failed:\n--- bad .*\nboom"):
         driver.run_workers(bad, tmp_path, jobs=2)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_results(smoke: tuple[Path, dict, str]) -> None:
+    """--jobs 2 (the GPU default's path: train and eval as separate processes sharing a compilation cache) trains
+    and scores exactly as the in-process run. Runs last: it replaces the shared run's trainings and evaluations."""
+    out, report, _ = smoke
+    for folder in ("runs", "eval"):
+        shutil.rmtree(out / folder)
+    r = _run("--smoke", "--jobs", "2", "--out", str(out), timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    workers = json.loads((out / "results.json").read_text())
+    assert workers["jobs"] == 2 and workers["time_ratio_source"] == "a 5-shot rerun of each model alone"
+    assert list(workers["stage_seconds"]) == ["convert", "prepare", "train", "eval", "timing", "report"]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(
+        [f"train-{run}.log" for run in ("control", "ep", "ac")] + [f"eval-{m}.log" for m in MODELS]
+    )
+    for run in ("control", "ep", "ac"):
+        for key in ("steps", "tokens", "first_loss", "final_loss"):
+            assert workers["training"][run][key] == report["training"][run][key], (run, key)
+    strip = lambda row: {k: v for k, v in row.items() if k != "time_ratio"}
+    assert [strip(row) for row in workers["rows"]] == [strip(row) for row in report["rows"]]
+    assert workers["loglik_consistency"] == report["loglik_consistency"]
