@@ -281,6 +281,15 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class ProfileConfig:
+    """A jax.profiler trace (XProf / TensorBoard / Perfetto) of `steps` optimizer steps from step `first_step`
+    (1-based, as logged; pick one after compilation), written by the first process to <run dir>/profile."""
+
+    first_step: int = 3
+    steps: int = 0  # 0 disables
+
+
+@dataclasses.dataclass
 class TrainConfig:
     run_name: str = "run"
     output_dir: str = "runs"
@@ -300,6 +309,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         _check_choice("dataset_type", self.dataset_type, ("corpus", "synthetic"))
@@ -308,6 +318,11 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "micro_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.profile.steps < 0 or (self.profile.steps and self.profile.first_step < 1):
+            raise ValueError(
+                f"profile.first_step={self.profile.first_step}, profile.steps={self.profile.steps}: "
+                "steps must be >= 0 (0 disables) and first_step >= 1"
+            )
         if self.global_batch_size % self.micro_batches:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} is not divisible by micro_batches={self.micro_batches}"

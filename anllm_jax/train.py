@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from anllm_jax import checkpoints, data, masks, sharding
-from anllm_jax.config import ModelConfig, OptimizerConfig, TrainConfig, load_train_config, preset
+from anllm_jax.config import ModelConfig, OptimizerConfig, ProfileConfig, TrainConfig, load_train_config, preset
 from anllm_jax.model import Llama
 from anllm_jax.tokenizer import Tokenizer
 
@@ -722,8 +722,10 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
             history.append(row)
             _report(row, prog, cfg.log_every, writer, metrics_file)
 
+    profiler = _StepProfiler(cfg.profile, run_dir / "profile", primary)
     try:
         for step in range(start, cfg.steps):
+            profiler.before(step + 1)
             batch = next(iterator)
             batch_hash = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
             global_batch = {
@@ -733,6 +735,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
                 for k in ("tokens", "segment_ids")
             }
             state, metrics = compiled(state, global_batch)
+            profiler.after(step + 1, metrics)
             pending.append((step + 1, metrics, batch_hash))
             flush(keep_last=1)
             sigterm = (
@@ -751,6 +754,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         flush(keep_last=0)
         ckpt.wait()
     finally:
+        profiler.stop()
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
         if writer is not None:
@@ -773,6 +777,36 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
         "mesh": mesh,
         **results,
     }
+
+
+class _StepProfiler:
+    """Traces steps [first_step, first_step + steps) with jax.profiler on the first process."""
+
+    def __init__(self, cfg: ProfileConfig, logdir: Path, primary: bool) -> None:
+        self.first, self.last = cfg.first_step, cfg.first_step + cfg.steps - 1
+        self.enabled = primary and cfg.steps > 0
+        self.logdir, self.active = logdir, False
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.first:
+            jax.profiler.start_trace(str(self.logdir))
+            self.active = True
+
+    def after(self, step: int, metrics: Any) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(metrics)  # the trace must hold the whole step, not just its dispatch
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info(
+                "profile of steps %d-%d written to %s (open with xprof or TensorBoard)",
+                self.first,
+                self.last,
+                self.logdir,
+            )
 
 
 def _export_model(directory: Path, graphdef: nnx.GraphDef, params: Any, tokenizer: Any) -> None:

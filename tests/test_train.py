@@ -169,6 +169,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] == bad_step - 1
 
 
+def test_profile_traces_the_chosen_steps(tmp_path):
+    raw = tiny_config(tmp_path, "prof", steps=3, profile={"first_step": 2, "steps": 1})
+    out = train.train(config.train_config_from_dict(raw))
+    assert [row["step"] for row in out["history"]] == [1, 2, 3]
+    traces = list((tmp_path / "runs/prof/profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    with pytest.raises(ValueError, match="profile.first_step=0"):
+        config.train_config_from_dict(tiny_config(tmp_path, "bad", profile={"first_step": 0, "steps": 2}))
+
+
 def _cli_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
         train.main(argv)
