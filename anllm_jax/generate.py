@@ -9,6 +9,7 @@ through `masks.allowed`; the "anchor" policy only drops entries no later query c
     logprobs, greedy = score_continuations(model, cache, last_logits, continuations)
 
 CLI: python -m anllm_jax.generate --checkpoint smollm2 --prompt "..." [--cache anchor|full|none] [--json]
+     python -m anllm_jax.generate --checkpoint DIR --prompt-file prompts.jsonl --batch-size 8   # JSON lines out
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -527,6 +529,29 @@ def generate(
 # CLI
 
 
+def read_prompts(path: str) -> list[dict]:
+    """Prompts of a file: JSON lines with a "prompt" key (other keys are kept and echoed back), or else one
+    prompt per non-empty line of plain text."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(
+            f"prompt file {path} does not exist; pass a text file (one prompt per line) or JSONL"
+        ) from None
+    if not path.endswith((".jsonl", ".json")):
+        return [{"prompt": line} for line in lines]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i} is not JSON ({e.msg}); write one object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{path} line {i} has no string "prompt" key; write {{"prompt": "...", ...}} per line')
+        records.append(record)
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m anllm_jax.generate", description=__doc__.split("\n")[0])
     p.add_argument(
@@ -534,7 +559,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="smollm2",
         help="HF dir, GGUF file, native dir, or 'smollm2' (the packaged SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--prompt", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument(
+        "--prompt-file",
+        help='many prompts: JSONL with a "prompt" key per line (.jsonl), else one prompt per line; '
+        "prints one JSON line per prompt, in order",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (--prompt-file)")
     p.add_argument("--cache", choices=kvcache.POLICIES, default=None, help="default: anchor if the model has anchors")
     p.add_argument("--anchor-mode", choices=("ep", "ac", "full"), default=None, help="default: the model's own")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -548,6 +580,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32 (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size={args.batch_size} must be at least 1")
+    try:
+        return _cli(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"anllm_jax.generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cli(args: argparse.Namespace) -> int:
+    records = read_prompts(args.prompt_file) if args.prompt_file else [{"prompt": args.prompt}]
+    if not records:
+        raise ValueError(f"{args.prompt_file} holds no prompts")
 
     from anllm_jax import checkpoints, data
 
@@ -558,55 +603,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     anchor_mode = args.anchor_mode or model.cfg.anchor_mode
     policy = args.cache or ("anchor" if anchor_mode != "full" else "full")
-    prompt = data.encode_prompt(args.prompt, tokenizer, anchor_mode, add_bos=args.add_bos)
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    gen = generate(
-        model,
-        [prompt],
-        policy=policy,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_ids=stop_ids,
-        stop_strings=args.stop,
-        tokenizer=tokenizer,
-        chunk_size=args.chunk_size,
-        anchor_mode=anchor_mode,
-    )
-    # Entries of the tokens fed to the model: the prompt and every generated token but the last.
-    full_entries = len(prompt) + len(gen.tokens[0]) - 1
     per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
-    entries = int(gen.stats.get("cache_entries", 0))
-    out = {
-        "text": gen.text[0],
-        "tokens": gen.tokens[0],
-        "logprobs": gen.logprobs[0],
-        "finish_reason": gen.finish_reason[0],
-        "cache": policy,
-        "anchor_mode": anchor_mode,
-        "anchor_ids": list(anchor_ids_of(model, anchor_mode)),
-        "prompt_ids": prompt,
-        "prompt_tokens": len(prompt),
-        "cache_entries": entries,
-        "full_cache_entries": full_entries,
-        "cache_bytes": entries * per,
-        "full_cache_bytes": full_entries * per,
-        "reduction": 1.0 - entries / full_entries,
-        "prefill_s": gen.stats["prefill_s"],
-        "decode_s": gen.stats["decode_s"],
-    }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(out["text"])
-        print(
-            f"\n[cache {policy}, anchor mode {anchor_mode}] entries kept {entries} of {full_entries} "
-            f"({out['cache_bytes']:,} of {out['full_cache_bytes']:,} bytes, reduction {out['reduction']:.1%}); "
-            f"prefill {out['prefill_s']:.2f}s, decode {out['decode_s']:.2f}s",
-            file=sys.stderr,
+    kept = full = 0
+    for lo in range(0, len(records), args.batch_size):
+        batch = records[lo : lo + args.batch_size]
+        prompts = [data.encode_prompt(r["prompt"], tokenizer, anchor_mode, add_bos=args.add_bos) for r in batch]
+        gen = generate(
+            model,
+            prompts,
+            policy=policy,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed + lo,
+            stop_ids=stop_ids,
+            stop_strings=args.stop,
+            tokenizer=tokenizer,
+            chunk_size=args.chunk_size,
+            anchor_mode=anchor_mode,
         )
+        lengths = np.zeros(len(batch), int) if gen.cache is None else np.asarray(jax.device_get(gen.cache.length))
+        for b, (record, prompt) in enumerate(zip(batch, prompts, strict=True)):
+            # Entries of the tokens fed to the model: the prompt and every generated token but the last.
+            full_entries = len(prompt) + len(gen.tokens[b]) - 1
+            entries = int(lengths[b])
+            kept, full = kept + entries, full + full_entries
+            out = {
+                **record,
+                "text": gen.text[b],
+                "tokens": gen.tokens[b],
+                "logprobs": gen.logprobs[b],
+                "finish_reason": gen.finish_reason[b],
+                "cache": policy,
+                "anchor_mode": anchor_mode,
+                "anchor_ids": list(anchor_ids_of(model, anchor_mode)),
+                "prompt_ids": prompt,
+                "prompt_tokens": len(prompt),
+                "cache_entries": entries,
+                "full_cache_entries": full_entries,
+                "cache_bytes": entries * per,
+                "full_cache_bytes": full_entries * per,
+                "reduction": 1.0 - entries / full_entries,
+                "prefill_s": gen.stats["prefill_s"],
+                "decode_s": gen.stats["decode_s"],
+            }
+            print(json.dumps(out) if args.json or args.prompt_file else out["text"], flush=True)
+    print(
+        f"\n[cache {policy}, anchor mode {anchor_mode}, {len(records)} prompt(s)] entries kept {kept} of {full} "
+        f"({kept * per:,} of {full * per:,} bytes, reduction {1.0 - kept / full:.1%})"
+        + ("" if args.prompt_file else f"; prefill {out['prefill_s']:.2f}s, decode {out['decode_s']:.2f}s"),
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -274,19 +274,25 @@ def test_sampling_options():
         assert s.tokens[b] == (want[: want.index(stop) + 1] if stop in want else want)
 
 
-def test_cli_json_on_real_smollm2():
+PROMPT = "The cat sat on the mat. The dog ran home. Then a bird"
+
+
+def _generate_cli(*args: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "anllm_jax.generate", "--checkpoint", "smollm2", "--anchor-mode", "ep"]
+    cmd += ["--max-new-tokens", "4", "--dtype", "float32", "--json", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_cli_json_on_real_smollm2(tmp_path):
     """The CLI on the packaged SmolLM2-135M ('.' as anchors): the anchor cache keeps exactly the anchors and
-    the open sentence, and generates what the no-cache policy generates."""
-
-    def cli(cache: str) -> dict:
-        cmd = [sys.executable, "-m", "anllm_jax.generate", "--checkpoint", "smollm2", "--prompt"]
-        cmd += ["The cat sat on the mat. The dog ran home. Then a bird", "--anchor-mode", "ep", "--cache", cache]
-        cmd += ["--max-new-tokens", "4", "--dtype", "float32", "--json"]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout)
-
-    a, n = cli("anchor"), cli("none")
+    the open sentence, and generates what the no-cache policy generates; a prompt file batched with a longer
+    prompt gives the same row."""
+    (a,), (n,) = (
+        _generate_cli("--prompt", PROMPT, "--cache", "anchor"),
+        _generate_cli("--prompt", PROMPT, "--cache", "none"),
+    )
     assert a["tokens"] == n["tokens"] and len(a["tokens"]) == 4
     np.testing.assert_allclose(a["logprobs"], n["logprobs"], atol=1e-3)
     assert isinstance(a["text"], str) and a["text"]
@@ -295,3 +301,27 @@ def test_cli_json_on_real_smollm2():
     assert a["cache_entries"] == len(kept_positions(fed, tuple(a["anchor_ids"]))) < len(fed)
     assert a["cache_bytes"] == a["cache_entries"] * 2 * 30 * 3 * 64 * 4  # layers, kv heads, head_dim, float32
     assert a["cache_bytes"] < a["full_cache_bytes"]
+    prompts = tmp_path / "prompts.jsonl"
+    longer = "Rain fell all night. The river rose. By morning the bridge was gone and the town"
+    prompts.write_text(json.dumps({"prompt": PROMPT, "id": "a"}) + "\n\n" + json.dumps({"prompt": longer, "id": 2}))
+    first, second = _generate_cli("--prompt-file", str(prompts), "--cache", "anchor", "--batch-size", "2")
+    assert (first["id"], second["id"]) == ("a", 2) and second["prompt_tokens"] > first["prompt_tokens"]
+    assert first["tokens"] == a["tokens"] and first["cache_entries"] == a["cache_entries"]
+    np.testing.assert_allclose(first["logprobs"], a["logprobs"], atol=1e-4)
+    fed = second["prompt_ids"] + second["tokens"][:-1]
+    assert second["cache_entries"] == len(kept_positions(fed, tuple(second["anchor_ids"])))
+
+
+def test_read_prompts_formats_and_errors(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\n\n  second {not json}\n")
+    assert gen_lib.read_prompts(str(text)) == [{"prompt": "first prompt"}, {"prompt": "  second {not json}"}]
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    with pytest.raises(ValueError, match='line 2 has no string "prompt" key'):
+        gen_lib.read_prompts(str(bad))
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        gen_lib.read_prompts(str(bad))
+    with pytest.raises(ValueError, match="does not exist"):
+        gen_lib.read_prompts(str(tmp_path / "missing.txt"))
