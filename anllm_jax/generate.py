@@ -20,6 +20,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -131,6 +132,16 @@ def _as_batch(
     if padding_side == "left":
         tokens_BT = np.stack([np.roll(r, n - len(r)) for r, n in zip(tokens_BT, lengths_B, strict=True)])
     return tokens_BT, lengths_B
+
+
+def _warn_past_context(model: Llama, positions: int, what: str) -> None:
+    """Anchor caches keep true positions, so long streams may pass the context the model was trained on."""
+    if positions > model.cfg.max_seq_len:
+        warnings.warn(
+            f"{what} reach position {positions}, past the model's max_seq_len={model.cfg.max_seq_len}; "
+            "RoPE positions beyond it were never trained, so quality may drop",
+            stacklevel=3,
+        )
 
 
 def _round_up(n: int, m: int) -> int:
@@ -329,6 +340,7 @@ def prefill(
         raise ValueError("cache policy 'none' keeps no cache to prefill; use generate(..., policy='none')")
     tokens_BT, lengths_B = _as_batch(tokens, lengths, padding_side)
     longest = int(lengths_B.max())
+    _warn_past_context(model, longest, "the prompts")
     chunk = bucket(longest) if chunk_size is None else min(chunk_size, bucket(longest))
     if chunk < 1:
         raise ValueError(f"chunk_size={chunk_size} must be at least 1")
@@ -456,6 +468,9 @@ def generate(
     settings = sampling(max_new_tokens, temperature, top_k, top_p, stop_ids)
     anchor_ids = anchor_ids_of(model, anchor_mode)
     kvcache.check_policy(policy, anchor_ids)
+    longest = int(np.max(_as_batch(prompts, lengths, padding_side)[1]))
+    if policy == "none" or longest <= model.cfg.max_seq_len:  # else prefill warns about the prompts themselves
+        _warn_past_context(model, longest + max_new_tokens, "the prompts plus max_new_tokens")
     key = jax.random.key(seed)
     graphdef, state = nnx.split(model)
     t0 = time.perf_counter()

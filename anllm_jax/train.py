@@ -302,6 +302,11 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, A
             f"data.anchor_mode={mcfg.anchor_mode} needs anchor ids: set load_parameters_path, "
             "model.tokenizer_path or model.overrides.anchor_ids"
         )
+    if cfg.data.seq_len > mcfg.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={mcfg.max_seq_len}; lower "
+            f"data.seq_len, or set model.overrides.max_seq_len={cfg.data.seq_len} to train at a longer context"
+        )
     if mcfg.attention == "cudnn_causal" and cfg.data.packing:
         raise ValueError(
             "attention=cudnn_causal ignores the document boundaries of packed rows; "

@@ -9,6 +9,7 @@ import functools
 import json
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -253,6 +254,18 @@ def test_decode_loop_updates_the_cache_in_place():
     memory = compiled.memory_analysis()
     assert memory.alias_size_in_bytes >= cache_bytes
     assert memory.temp_size_in_bytes < 0.5 * cache_bytes
+
+
+def test_positions_past_the_trained_context_warn():
+    model = tiny("ac")  # max_seq_len 512
+    row = rows_with_anchors(7, (500,), AC_IDS[0], 0.1)
+    with pytest.warns(UserWarning, match="the prompts plus max_new_tokens reach position 520, past the model's"):
+        gen_lib.generate(model, row, policy="anchor", max_new_tokens=20)
+    with pytest.warns(UserWarning, match="the prompts reach position 530"):
+        gen_lib.prefill(model, rows_with_anchors(7, (530,), AC_IDS[0], 0.1), policy="anchor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gen_lib.generate(model, row, policy="anchor", max_new_tokens=12)
 
 
 def test_sampling_options():

@@ -196,6 +196,9 @@ def test_cli_bad_input_one_line(tmp_path, capsys):
     assert f"are available; make the sizes multiply to {n}" in _cli_error(
         capsys, ["--config", str(path), f"mesh.ici_data={n + 1}", "mesh.ici_fsdp=1"]
     )
+    assert "data.seq_len=1024 is longer than the model's max_seq_len=512" in _cli_error(
+        capsys, ["--config", str(path), "data.seq_len=1024"]
+    )
     assert "no prepared corpus at /nonexistent/corpus" in _cli_error(
         capsys, ["--config", str(path), "dataset_type=corpus", "data.path=/nonexistent/corpus"]
     )
