@@ -352,7 +352,7 @@ def test_build_model_sets_the_anchor_variant_of_a_loaded_checkpoint(tmp_path, mo
         "variant",
         load_parameters_path=str(tmp_path / "base"),
         model={"overrides": {"dtype": "float32"}},
-        data={"anchor_mode": mode},
+        data={"anchor_mode": mode, "seq_len": 32},
     )
     mcfg, params, tokenizer = train.build_model(config.train_config_from_dict(raw))
     assert mcfg.anchor_mode == mode
