@@ -273,11 +273,13 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    """Held-out perplexity under the full and the AnSAN mask, before and after training: the first `batches`
-    batches of `batch_size` rows of the data's validation split (0 disables)."""
+    """Held-out perplexity under the full and the AnSAN mask, before and after training and every `every_steps`
+    steps (0: only before and after): the first `batches` batches of `batch_size` rows of the data's validation
+    split (0 disables)."""
 
     batches: int = 0
     batch_size: int = 4
+    every_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -318,6 +320,8 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "micro_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.eval.every_steps < 0:
+            raise ValueError(f"eval.every_steps={self.eval.every_steps} must be >= 0 (0: only before and after)")
         if self.profile.steps < 0 or (self.profile.steps and self.profile.first_step < 1):
             raise ValueError(
                 f"profile.first_step={self.profile.first_step}, profile.steps={self.profile.steps}: "

@@ -682,11 +682,22 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
     eval_batches = _eval_batches(cfg, tokenizer, b_shard) if cfg.eval.batches > 0 else None
     eval_fn = jax.jit(make_eval_step(graphdef, mcfg), out_shardings=rep) if eval_batches else None
     results: dict[str, Any] = {}
-    if eval_batches and resume_step is None:
-        results["eval_before"] = _perplexity(eval_fn, state["params"], eval_batches, "before training")
-
     writer = _tensorboard_writer(run_dir / "tensorboard") if primary else None
     metrics_file = open(run_dir / "metrics.jsonl", "a") if primary else None  # noqa: SIM115
+    eval_file = open(run_dir / "eval.jsonl", "a") if primary and eval_batches else None  # noqa: SIM115
+
+    def evaluate(step_no: int, when: str) -> dict[str, float]:
+        ppl = _perplexity(eval_fn, state["params"], eval_batches, when)
+        if eval_file is not None:
+            eval_file.write(json.dumps({"step": step_no, "ppl_full": ppl["full"], "ppl_ansan": ppl["ansan"]}) + "\n")
+            eval_file.flush()
+        if writer is not None:
+            for mask in ("full", "ansan"):
+                writer.add_scalar(f"eval/ppl_{mask}", ppl[mask], step_no)
+        return ppl
+
+    if eval_batches and resume_step is None:
+        results["eval_before"] = evaluate(0, "before training")
 
     stop = {"sigterm": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
@@ -748,6 +759,12 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
                 if jax.process_count() == 1
                 else bool(multihost_utils.process_allgather(np.asarray(stop["sigterm"])).any())
             )
+            every = cfg.eval.every_steps
+            if eval_batches and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+                flush(keep_last=0)
+                t_eval = time.time()
+                evaluate(step + 1, f"at step {step + 1}")
+                prog.last_time += time.time() - t_eval  # keep evaluation out of the next step's throughput
             if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps or sigterm:
                 flush(keep_last=0)
                 ckpt.save(step + 1, state, iterator.get_state())
@@ -758,19 +775,18 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
                 break
         flush(keep_last=0)
         ckpt.wait()
+        if eval_batches and not stop["sigterm"]:  # a preempted job leaves its grace period to the checkpoint
+            results["eval_after"] = evaluate(int(_host(state["step"])), "after training")
     finally:
         profiler.stop()
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.close()
-        if writer is not None:
-            writer.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        for f in (writer, metrics_file, eval_file):
+            if f is not None:
+                f.close()
 
     if cfg.checkpoint.export_model and history:
         _export_model(run_dir / "model", graphdef, state["params"], tokenizer)
-    if eval_batches:
-        results["eval_after"] = _perplexity(eval_fn, state["params"], eval_batches, "after training")
     if primary and history:
         _plot_loss(run_dir)
     return {

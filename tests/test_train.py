@@ -309,18 +309,28 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
     raw = tiny_config(
         tmp_path,
         "corpus",
-        steps=2,
+        steps=3,
         global_batch_size=4,
         dataset_type="corpus",
         model={"preset": "tiny", "tokenizer_path": str(sp), "overrides": {"vocab_size": 32001}},
         data={"path": str(tmp_path / "corpus"), "anchor_mode": "ac", "seq_len": 48, "packing": False},
-        eval={"batches": 1, "batch_size": 2},
+        eval={"batches": 1, "batch_size": 2, "every_steps": 1},
         checkpoint={"every_steps": 2, "keep": 1, "export_model": True},
     )
     proc = run_job(tmp_path, raw)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out perplexity before training" in proc.stderr and "after training" in proc.stderr
     run = tmp_path / "runs/corpus"
+    logged = re.findall(r"held-out perplexity (.+?): full mask ([\d.]+) \| AnSAN mask ([\d.]+)", proc.stderr)
+    assert [when for when, _, _ in logged] == ["before training", "at step 1", "at step 2", "after training"]
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 1, 2, 3]
+    for e, (_, full, ansan) in zip(evals, logged, strict=True):
+        assert e["ppl_full"] == pytest.approx(float(full), rel=1e-3) and e["ppl_ansan"] == pytest.approx(
+            float(ansan), rel=1e-3
+        )
+        assert e["ppl_full"] > 1 and e["ppl_ansan"] > 1
+    # Evaluation between steps must not disturb training: the metrics hold exactly the three steps.
+    assert sorted(_last_per_step(run / "metrics.jsonl")) == [1, 2, 3]
     mcfg = json.loads((run / "model_config.json").read_text())
     assert mcfg["anchor_mode"] == "ac" and mcfg["anchor_ids"] == [32000]
     rows = _last_per_step(run / "metrics.jsonl")
