@@ -70,7 +70,9 @@ run_script train_throughput bench/train_throughput.py 150 --models llama3.2-1b -
   --cases full:cudnn_causal,ansan:anchor_pallas,ansan:anchor,ansan:cudnn,full:cudnn --out "$RESULTS/train_throughput.json"
 run_script inference bench/inference.py 120 --out "$RESULTS/inference.json"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  run tests 60 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+  # -o addopts="": the project's addopts name pytest-xdist options, which the machine's python may lack.
+  run tests 60 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -o addopts="" -m gpu -p no:cacheprovider \
+    --continue-on-collection-errors tests
 else
   SUMMARY+=("$(printf '%-16s %-26s' tests "skipped: no pytest")")
 fi

@@ -19,7 +19,7 @@ def _gpu_visible() -> bool:
 
     try:
         return bool(jax.devices("gpu"))
-    except RuntimeError:
+    except Exception:  # no CUDA plugin, or JAX_PLATFORMS names a platform this install lacks
         return False
 
 
