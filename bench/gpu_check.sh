@@ -21,6 +21,9 @@ DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-560}))
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
+# Packages brought by scripts/device_bundle.py + device_unpack.sh --install (real SmolLM2 weights, task data).
+# shellcheck disable=SC1091
+[ -f "${SHIP_DIR:-/root/ship}/env.sh" ] && . "${SHIP_DIR:-/root/ship}/env.sh"
 if [ -d wheels ]; then
   "$PY" -m pip install -q --no-index --find-links wheels wheels/*.whl >"$RESULTS/pip.log" 2>&1 \
     || echo "note: installing ./wheels failed (see $RESULTS/pip.log)"
