@@ -468,15 +468,14 @@ def generate(
     settings = sampling(max_new_tokens, temperature, top_k, top_p, stop_ids)
     anchor_ids = anchor_ids_of(model, anchor_mode)
     kvcache.check_policy(policy, anchor_ids)
-    longest = int(np.max(_as_batch(prompts, lengths, padding_side)[1]))
+    tokens_BT, lengths_B = _as_batch(prompts, lengths, padding_side)  # right-padded from here on
+    longest = int(lengths_B.max())
     if policy == "none" or longest <= model.cfg.max_seq_len:  # else prefill warns about the prompts themselves
         _warn_past_context(model, longest + max_new_tokens, "the prompts plus max_new_tokens")
     key = jax.random.key(seed)
     graphdef, state = nnx.split(model)
     t0 = time.perf_counter()
     if policy == "none":
-        tokens_BT, lengths_B = _as_batch(prompts, lengths, padding_side)
-        longest = int(lengths_B.max())
         W = capacity or _round_up(longest + max_new_tokens, _MIN_BUCKET)
         if longest >= W:
             raise ValueError(f"capacity={W} cannot hold the prompts ({longest} tokens) plus one more; raise it")
@@ -490,12 +489,11 @@ def generate(
     else:
         cache, last_BV = prefill(
             model,
-            prompts,
-            lengths,
+            tokens_BT,
+            lengths_B,
             policy,
             capacity,
             chunk_size=chunk_size,
-            padding_side=padding_side,
             anchor_mode=anchor_mode,
             reserve=max_new_tokens + 1 if capacity is None else 0,
         )
@@ -620,6 +618,7 @@ def _cli(args: argparse.Namespace) -> int:
     policy = args.cache or ("anchor" if anchor_mode != "full" else "full")
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
+    anchor_ids = list(anchor_ids_of(model, anchor_mode))
     kept = full = 0
     for lo in range(0, len(records), args.batch_size):
         batch = records[lo : lo + args.batch_size]
@@ -653,7 +652,7 @@ def _cli(args: argparse.Namespace) -> int:
                 "finish_reason": gen.finish_reason[b],
                 "cache": policy,
                 "anchor_mode": anchor_mode,
-                "anchor_ids": list(anchor_ids_of(model, anchor_mode)),
+                "anchor_ids": anchor_ids,
                 "prompt_ids": prompt,
                 "prompt_tokens": len(prompt),
                 "cache_entries": entries,

@@ -760,7 +760,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
                 else bool(multihost_utils.process_allgather(np.asarray(stop["sigterm"])).any())
             )
             every = cfg.eval.every_steps
-            if eval_batches and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            if eval_batches and every and (step + 1) % every == 0 and step + 1 < cfg.steps and not sigterm:
                 flush(keep_last=0)
                 t_eval = time.time()
                 evaluate(step + 1, f"at step {step + 1}")

@@ -231,7 +231,6 @@ def main() -> None:
     args.questions = args.questions or (2 if quick else 32)
     args.shot_tokens = args.shot_tokens or (64 if quick else 160)
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report = {
         "date": datetime.date.today().isoformat(),
         "commit": records.commit(),

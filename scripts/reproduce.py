@@ -558,9 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    log.info(
-        "output %s | commit %s | %s | tasks %s | limit %s", out, records.commit(), records.hardware(), task_names, limit
-    )
+    commit, hardware = records.commit(), records.hardware()
+    log.info("output %s | commit %s | %s | tasks %s | limit %s", out, commit, hardware, task_names, limit)
 
     timer = Timer()
     starts = timer.run("convert", convert, out)
@@ -592,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     timer.stages["report"] = time.perf_counter() - t0
     report = {
         "smoke": args.smoke,
-        "commit": records.commit(),
-        "hardware": records.hardware(),
+        "commit": commit,
+        "hardware": hardware,
         "jax": jax.__version__,
         "eval_dtype": dtype,
         "tasks": task_names,
