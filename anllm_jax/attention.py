@@ -45,16 +45,24 @@ def attend(
 
 
 def _xla(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
-    """Dense reference: float32 (or wider) scores and softmax, mask applied with `where`."""
+    """Dense reference: float32 (or wider) scores and softmax, mask applied with `where`.
+
+    Heads lead and each KV head's G query heads are stacked along the query axis, so both products are plain
+    batched matmuls over [B, K]: XLA's CPU backend runs this layout (forward and backward) ~3x faster than
+    contracting the 5-D [B, T, K, G, H] tensors directly.
+    """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    S, K = k_BSKH.shape[1:3]
+    G = N // K
+    q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     acc = jnp.promote_types(q_BTNH.dtype, jnp.float32)  # float64 inputs (a numerical reference) stay float64
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=acc)
+    s_BKGTS = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=acc).reshape(B, K, G, T, S)
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS * (H**-0.5), _MASKED)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=acc)
-    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    p_BKQS = jax.nn.softmax(s_BKGTS, axis=-1).reshape(B, K, G * T, S)
+    o_BKQH = jnp.einsum("bkqs,bksh->bkqh", p_BKQS.astype(v_BSKH.dtype), v_BKSH, preferred_element_type=acc)
+    o_BTNH = o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    return o_BTNH.astype(q_BTNH.dtype)
 
 
 def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:

@@ -147,18 +147,18 @@ class Llama(nnx.Module):
             p, i = xs
             p = {name: w.astype(dtype) for name, w in p.items()}
             h = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps)
-            q = apply_rope(jnp.einsum("btd,dnh->btnh", h, p["wq"]), cos_BTH, sin_BTH)
-            k = apply_rope(jnp.einsum("btd,dkh->btkh", h, p["wk"]), cos_BTH, sin_BTH)
-            v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+            q = apply_rope(matmul(h, p["wq"]), cos_BTH, sin_BTH)
+            k = apply_rope(matmul(h, p["wk"]), cos_BTH, sin_BTH)
+            v = matmul(h, p["wv"])
             if kv is not None:
                 kv = (write_rows(kv[0], k, write_start_B, i), write_rows(kv[1], v, write_start_B, i))
                 k, v = kv[0][i], kv[1][i]
             o = attention.attend(q, k, v, q_info, k_info, cfg.attention)
-            x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o, p["wo"])
+            x_BTD = x_BTD + matmul(o, p["wo"], 2)
             h = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
-            g = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"]))
-            u = jnp.einsum("btd,df->btf", h, p["w_up"])
-            x_BTD = x_BTD + jnp.einsum("btf,fd->btd", g * u, p["w_down"])
+            g = jax.nn.silu(matmul(h, p["w_gate"]))
+            u = matmul(h, p["w_up"])
+            x_BTD = x_BTD + matmul(g * u, p["w_down"])
             return (x_BTD, kv), None
 
         if cfg.remat != "none":
@@ -169,11 +169,19 @@ class Llama(nnx.Module):
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_BK[..., None], axis=1)
         x_BTD = rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.rms_eps)
         acc = jnp.promote_types(dtype, jnp.float32)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_BTD, self.embed[...].astype(dtype), preferred_element_type=acc)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(dtype), preferred_element_type=acc)
+        head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = matmul(x_BTD, head_DV.astype(dtype), preferred_element_type=acc)
         return logits, new_cache
+
+
+def matmul(x: jax.Array, w: jax.Array, k: int = 1, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+    """The last `k` axes of `x` contracted with the first `k` of `w`, as one 2-D matmul: XLA's CPU backend runs
+    the weight gradient of a 2-D product ~2x faster than that of "btd,dnh->btnh" (two contracted axes)."""
+    lead, out = x.shape[: x.ndim - k], w.shape[k:]
+    y = jnp.matmul(
+        x.reshape(math.prod(lead), -1), w.reshape(-1, math.prod(out)), preferred_element_type=preferred_element_type
+    )
+    return y.reshape(*lead, *out)
 
 
 def write_rows(buf: jax.Array, new_BT: jax.Array, start_B: jax.Array, layer: jax.Array | None = None) -> jax.Array:

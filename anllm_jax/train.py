@@ -142,14 +142,19 @@ def next_token_nll(
     logits_BTV: jax.Array, tokens_BT: jax.Array, segment_ids_BT: jax.Array, pad_id: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of -log p(next token), number of targets). A target counts when it and its predecessor are real tokens
-    of the same packed document: padding (segment 0) and document boundaries are excluded."""
-    targets_BT = tokens_BT[:, 1:]
-    valid_BT = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, 1:] != 0)
+    of the same packed document: padding (segment 0) and document boundaries are excluded.
+
+    Position t predicts token t + 1; the last position has no target and is masked rather than sliced off, since
+    slicing would copy the [B, T, vocab] logits and their gradient."""
+    next_BT = jnp.roll(tokens_BT, -1, axis=1)
+    next_seg_BT = jnp.roll(segment_ids_BT, -1, axis=1)
+    last_BT = jnp.arange(tokens_BT.shape[1]) == tokens_BT.shape[1] - 1
+    valid_BT = (next_seg_BT == segment_ids_BT) & (segment_ids_BT != 0) & ~last_BT
     if pad_id is not None:
-        valid_BT &= (targets_BT != pad_id) & (tokens_BT[:, :-1] != pad_id)
-    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
+        valid_BT &= (next_BT != pad_id) & (tokens_BT != pad_id)
+    logits_BTV = logits_BTV.astype(jnp.float32)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    target_logit_BT = jnp.take_along_axis(logits_BTV, next_BT[..., None], axis=-1)[..., 0]
     nll = jnp.where(valid_BT, logz_BT - target_logit_BT, 0.0)
     return nll.sum(), valid_BT.sum().astype(jnp.float32)
 
@@ -392,12 +397,15 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mcfg: ModelConfig) -> Callable[..., dict[str, jax.Array]]:
-    """Summed next-token NLL and target count under the full mask and under the model's anchor mask."""
+    """Summed next-token NLL and target count under the full mask and under the AnSAN mask of the model's anchor
+    ids. A full-attention model that knows anchor ids (a control run started from an EP checkpoint) is measured
+    under their mask too, so its curve shows what training without the mask does to AnSAN perplexity."""
+    ansan = "ansan" if mcfg.anchor_ids and mcfg.attention != "cudnn_causal" else None
 
     def step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, params)
         out = {}
-        for name, mode in (("full", "full"), ("ansan", None)):
+        for name, mode in (("full", "full"), ("ansan", ansan)):
             logits = model(batch["tokens"], segment_ids_BT=batch["segment_ids"], anchor_mode=mode)
             out[f"{name}_nll"], out[f"{name}_count"] = next_token_nll(
                 logits, batch["tokens"], batch["segment_ids"], mcfg.pad_id

@@ -1,39 +1,48 @@
 """Small-scale AnLLM reproduction: SmolLM2-135M continually pretrained as a full-attention control, AnLLM-EP and
 AnLLM-AC, then all four models (base included) evaluated on the paper's 8 QA tasks.
 
-    scripts/reproduce.sh [--smoke] [--out DIR] [--limit N] [--tasks LIST] [--jobs N]
+    scripts/reproduce.sh [--cpu | --smoke] [--out DIR] [--limit N] [--tasks LIST] [--jobs N] [--publish DIR]
+
+Profiles: the default (GPU, ~8 min on one H100; configs/reproduce-{full,ep,ac}.yaml, 0 and 5 shots), `--cpu`
+(2 CPU cores in about 110 minutes; configs/reproduce-cpu.yaml, 5 shots) and `--smoke` (the CPU profile at toy size,
+a pipeline check in a few minutes).
 
 Stages, each timed:
 1. convert: the packaged SmolLM2-135M GGUF to native checkpoints, one per starting point: base (full attention),
    base-ep ("." tokens are anchors), base-ac (<AC> added, its rows copied from ".").
 2. prepare: the registry English corpus (Wikipedia leads + King James Bible) as a tfds dataset.
-3. train-control, train-ep, train-ac: configs/reproduce-{full,ep,ac}.yaml, identical but for the anchor mode;
-   each run exports its final model as a native checkpoint, DIR/runs/<run>/model.
-4. eval-base, eval-control, eval-ep, eval-ac: 0 and 5 shots in modes full (causal forward), no-cache (one AnSAN
-   forward per row: the timing baseline) and anchor-cache (demonstrations prefilled once into the anchor cache).
-   Base and control have no trained anchors; they are evaluated with "." as anchors.
-5. report: DIR/results.json and DIR/results.md (the combined table beside the paper's numbers), DIR/loss_curves.png.
+3. train-control, train-ep, train-ac: identical recipes but for the training mask (full, EP, AC); the control starts
+   from base-ep so that its held-out perplexity is also measured under the "." mask it never trains with. Each run
+   logs held-out perplexity under both masks every few steps (eval.jsonl: the learning curves) and exports its
+   final model as a native checkpoint, DIR/runs/<run>/model.
+4. eval-base, eval-control, eval-ep, eval-ac: modes full (causal) and anchor-cache (demonstrations prefilled once
+   into the anchor cache, which computes the AnSAN function); the control only full. Base has no trained anchors:
+   its anchor-cache mode uses "." as anchors and shows what the mask costs an untrained model.
+5. timing: EP and AC again at 5 shots on the first documents of each task, one model at a time, in modes no-cache
+   (one AnSAN forward per row, the demonstrations recomputed: the paper's baseline) and anchor-cache: the time
+   ratio, and the check that both modes give the same log-likelihoods.
+6. report: DIR/results.json and DIR/results.md (the combined table beside the paper's numbers),
+   DIR/learning_curves.png (held-out perplexity, full and AnSAN mask, per run) and DIR/loss_curves.png.
 
---jobs 1 runs stages 3 and 4 in this process, one model at a time (base, control and EP then share compiled
-functions). --jobs N > 1 (4, the default off --smoke) runs the three trainings and then the four evaluations as
-`python -m anllm_jax.train` / `python -m anllm_jax.eval` processes, up to N at once, sharing the accelerator (logs in
-DIR/logs/, compilations shared through DIR/jax_cache/); since their timings disturb one another, a last stage,
-timing, measures the 5-shot no-cache / anchor-cache time ratio again one model at a time.
+--jobs 1 runs stages 3 and 4 in this process, one model at a time. --jobs N > 1 (the GPU default, 4) runs the three
+trainings and then the four evaluations as `python -m anllm_jax.train` / `python -m anllm_jax.eval` processes, up
+to N at once, sharing the accelerator (logs in DIR/logs/, compilations shared through DIR/jax_cache/).
 
-A rerun with the same --out reuses the converted checkpoints, the corpus and finished training runs (the trainer
-resumes from each run's last checkpoint) and repeats the evaluations.
---smoke runs every stage on CPU in a few minutes: 2 steps of 1 x 64 tokens on a 20-document corpus and one task
-with one question; its numbers only show that the pipeline works.
+Every stage is resumable: a rerun with the same --out reuses the converted checkpoints, the corpus, finished
+training runs (an unfinished one resumes from its last checkpoint), and every task already evaluated.
+`--publish DIR` copies the small outputs (metrics, learning curves, evaluation results, report) there after every
+stage, so that a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
-import re
+import shutil
 import subprocess
 import sys
 import time
@@ -43,8 +52,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# The three continual-pretraining runs: run name -> anchor mode (configs/reproduce-<mode>.yaml).
+# The three continual-pretraining runs: run name -> training mask, and the converted checkpoint each starts from.
 RUNS = {"control": "full", "ep": "ep", "ac": "ac"}
+STARTS = {"control": "ep", "ep": "ep", "ac": "ac"}
 MODELS = ("base", "control", "ep", "ac")
 MODEL_LABELS = {
     "base": "SmolLM2-135M (base)",
@@ -52,24 +62,54 @@ MODEL_LABELS = {
     "ep": "AnLLM-EP",
     "ac": "AnLLM-AC",
 }
-SHOTS = (0, 5)
-EVAL_MODES = ("full", "no-cache", "anchor-cache")
-TABLE_MODES = ("full", "anchor-cache")
-FULL_LIMIT = 100
-SMOKE_TASKS = ("winogrande",)
-SMOKE_LIMIT = 1
-SMOKE_MAX_DOCS = 10
-SMOKE_TRAIN = (
-    "steps=2",
-    "global_batch_size=1",
-    "data.seq_len=64",
-    "optimizer.warmup_steps=1",
-    "log_every=1",
-    "eval.batches=0",
-    "checkpoint.every_steps=2",
-    "model.overrides.dtype=float32",  # bf16 matmuls are slow on CPUs
-    "model.overrides.remat=none",
-)
+# Table modes per model: the control has no anchors it was trained for, so only its full-attention accuracy counts.
+MODEL_MODES = {"base": ("full", "anchor-cache"), "control": ("full",), "ep": ("full", "anchor-cache"),
+               "ac": ("full", "anchor-cache")}  # fmt: skip
+TIMED = ("ep", "ac")
+TIMING_SHOTS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """What one invocation trains and evaluates."""
+
+    name: str
+    config: str  # configs/<config>, {mode} replaced by the run's training mask
+    shots: tuple[int, ...]
+    limit: int  # documents per task (0: all)
+    timing_limit: int  # documents per task in the timing stage (0: all)
+    tasks: tuple[str, ...] | None  # None: all 8
+    jobs: int
+    train_overrides: tuple[str, ...] = ()
+    max_docs: int | None = None  # corpus documents (None: all)
+    accelerator: bool = False  # refuses to start on a CPU
+
+
+PROFILES = {
+    "gpu": Profile("gpu", "reproduce-{mode}.yaml", (0, 5), 100, 100, None, 4, accelerator=True),
+    "cpu": Profile("cpu", "reproduce-cpu.yaml", (5,), 100, 10, None, 1),
+    "smoke": Profile(
+        "smoke",
+        "reproduce-cpu.yaml",
+        (0, 5),
+        1,
+        1,
+        ("winogrande",),
+        1,
+        (
+            "steps=2",
+            "global_batch_size=1",
+            "data.seq_len=64",
+            "optimizer.warmup_steps=1",
+            "log_every=1",
+            "eval.batches=1",
+            "eval.batch_size=1",
+            "eval.every_steps=1",
+            "checkpoint.every_steps=2",
+        ),
+        max_docs=10,
+    ),
+}
 
 # Pang et al. 2024 (Llama-2-7B, 1B tokens of RedPajama), averages over the same 8 tasks.
 PAPER = {
@@ -91,11 +131,12 @@ log = logging.getLogger("reproduce")
 
 
 class Timer:
-    """Wall time per stage, printed as each ends."""
+    """Wall time per stage, printed as each ends; `after` runs once each stage has ended (publishing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, after=None) -> None:
         self.start = time.perf_counter()
         self.stages: dict[str, float] = {}
+        self.after = after
 
     def run(self, name: str, fn, *args, **kwargs):
         log.info("=== %s", name)
@@ -103,6 +144,8 @@ class Timer:
         out = fn(*args, **kwargs)
         self.stages[name] = time.perf_counter() - t0
         log.info("=== %s done in %.1f s", name, self.stages[name])
+        if self.after is not None:
+            self.after()
         return out
 
     def total(self) -> float:
@@ -131,30 +174,48 @@ def convert(out: Path) -> dict[str, str]:
     return {mode: str(p) for mode, p in paths.items()}
 
 
-def prepare(out: Path, smoke: bool) -> str:
+def prepare(out: Path, profile: Profile) -> str:
     from anllm_jax import data
 
     path = out / "corpus"
-    data.prepare(output=str(path), max_docs=SMOKE_MAX_DOCS if smoke else None)
+    data.prepare(output=str(path), max_docs=profile.max_docs)
     return str(path)
 
 
-def _train_overrides(name: str, out: Path, start: str, corpus: str, smoke: bool) -> list[str]:
+def _config_path(name: str, profile: Profile) -> str:
+    return str(REPO / "configs" / profile.config.format(mode=RUNS[name]))
+
+
+def _train_overrides(name: str, out: Path, start: str, corpus: str, profile: Profile) -> list[str]:
     return [
         f"run_name={name}",
+        f"data.anchor_mode={RUNS[name]}",
         f"output_dir={out / 'runs'}",
         f"load_parameters_path={start}",
         f"data.path={corpus}",
-        *(SMOKE_TRAIN if smoke else ()),
+        *profile.train_overrides,
     ]
 
 
-def _config_path(name: str) -> str:
-    return str(REPO / "configs" / f"reproduce-{RUNS[name]}.yaml")
+def _train_config(name: str, out: Path, start: str, corpus: str, profile: Profile):
+    from anllm_jax.config import load_train_config
+
+    return load_train_config(_config_path(name, profile), _train_overrides(name, out, start, corpus, profile))
 
 
-def summarize_run(name: str, run_dir: Path, ppl: dict[str, Any]) -> dict[str, Any]:
-    """A finished run: its exported model (<run dir>/model), steps, tokens, losses and held-out perplexities."""
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """The run reached `steps` and exported its model (a rerun skips it)."""
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    return (run_dir / "model" / "config.json").exists() and bool(metrics) and metrics[-1]["step"] >= steps
+
+
+def summarize_run(name: str, run_dir: Path) -> dict[str, Any]:
+    """A finished run: its exported model (<run dir>/model), steps, tokens, losses and held-out perplexities (the
+    first and the last evaluation of eval.jsonl)."""
     from anllm_jax.config import load_train_config
 
     checkpoint = run_dir / "model"
@@ -163,7 +224,9 @@ def summarize_run(name: str, run_dir: Path, ppl: dict[str, Any]) -> dict[str, An
             f"{checkpoint} is missing: the run did not export its model; delete {run_dir} and rerun"
         )
     cfg = load_train_config(str(run_dir / "config.yaml"))
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in _jsonl(run_dir / "metrics.jsonl")]
+    curve = _jsonl(run_dir / "eval.jsonl")
+    ppl = lambda row: {"step": row["step"], "full": row["ppl_full"], "ansan": row["ppl_ansan"]}  # noqa: E731
     return {
         "anchor_mode": RUNS[name],
         "checkpoint": str(checkpoint),
@@ -172,22 +235,22 @@ def summarize_run(name: str, run_dir: Path, ppl: dict[str, Any]) -> dict[str, An
         "tokens": cfg.steps * cfg.global_batch_size * cfg.data.seq_len,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "heldout_ppl_before": ppl.get("eval_before"),
-        "heldout_ppl_after": ppl.get("eval_after"),
+        "heldout_ppl_before": ppl(curve[0]) if curve else None,
+        "heldout_ppl_after": ppl(curve[-1]) if curve else None,
     }
 
 
-def train_in_process(name: str, out: Path, start: str, corpus: str, smoke: bool) -> dict[str, Any]:
-    """One continual-pretraining run in this process; returns its summary."""
+def train_in_process(name: str, out: Path, start: str, corpus: str, profile: Profile) -> dict[str, Any]:
+    """One continual-pretraining run in this process (skipped when it has finished); returns its summary."""
     from anllm_jax import train
-    from anllm_jax.config import load_train_config
 
-    cfg = load_train_config(_config_path(name), _train_overrides(name, out, start, corpus, smoke))
-    result = train.train(cfg)
-    return summarize_run(name, result["run_dir"], result)
-
-
-_PPL_LINE = re.compile(r"held-out perplexity (before|after) training: full mask ([\d.]+) \| AnSAN mask ([\d.]+)")
+    cfg = _train_config(name, out, start, corpus, profile)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    if finished(run_dir, cfg.steps):
+        log.info("reusing the finished run %s", run_dir)
+    else:
+        train.train(cfg)
+    return summarize_run(name, run_dir)
 
 
 def run_workers(commands: dict[str, list[str]], out: Path, jobs: int) -> dict[str, str]:
@@ -216,35 +279,32 @@ def run_workers(commands: dict[str, list[str]], out: Path, jobs: int) -> dict[st
     return texts
 
 
-def train_parallel(out: Path, starts: dict[str, str], corpus: str, smoke: bool, jobs: int) -> dict[str, dict[str, Any]]:
-    """The three runs as `python -m anllm_jax.train` processes, `jobs` at a time."""
-    commands = {
-        f"train-{name}": [sys.executable, "-m", "anllm_jax.train", "--config", _config_path(name)]
-        + _train_overrides(name, out, starts[mode], corpus, smoke)
-        for name, mode in RUNS.items()
-    }
-    texts = run_workers(commands, out, jobs)
-    summaries = {}
+def train_parallel(out: Path, starts: dict[str, str], corpus: str, profile: Profile, jobs: int) -> dict[str, dict]:
+    """The unfinished runs as `python -m anllm_jax.train` processes, `jobs` at a time."""
+    commands = {}
     for name in RUNS:
-        ppl: dict[str, Any] = {}
-        for when, full, ansan in _PPL_LINE.findall(texts[f"train-{name}"]):
-            ppl[f"eval_{when}"] = {"full": float(full), "ansan": float(ansan)}
-        summaries[name] = summarize_run(name, out / "runs" / name, ppl)
-    return summaries
+        cfg = _train_config(name, out, starts[STARTS[name]], corpus, profile)
+        if not finished(Path(cfg.output_dir) / cfg.run_name, cfg.steps):
+            overrides = _train_overrides(name, out, starts[STARTS[name]], corpus, profile)
+            config = _config_path(name, profile)
+            commands[f"train-{name}"] = [sys.executable, "-m", "anllm_jax.train", "--config", config, *overrides]
+    if commands:
+        run_workers(commands, out, jobs)
+    return {name: summarize_run(name, out / "runs" / name) for name in RUNS}
 
 
-def evaluate(
-    name: str, checkpoint: str, out: Path, task_names: list[str], limit: int | None, dtype: str
-) -> tuple[dict, dict]:
-    """eval.run over every task, 0 and 5 shots, in EVAL_MODES; writes DIR/eval/<name>/results.*."""
+def evaluate(name: str, checkpoint: str, out: Path, task_names: list[str], profile: Profile, dtype: str) -> dict:
+    """eval.run over every task and shot count in the model's modes, resuming the tasks already in
+    DIR/eval/<name>; writes DIR/eval/<name>/results.*."""
     from anllm_jax import eval
 
     model, tokenizer = _load_for_eval(checkpoint, dtype)
-    results, lls = eval.run(
-        model, tokenizer, task_names, SHOTS, EVAL_MODES, limit, progress=False, checkpoint=checkpoint
-    )
-    eval.write_outputs(results, lls, str(out / "eval" / name))
-    return results, lls
+    output = str(out / "eval" / name)
+    results, _ = eval.run(
+        model, tokenizer, task_names, profile.shots, MODEL_MODES[name], profile.limit or None, progress=False,
+        checkpoint=checkpoint, output=output, resume=True,
+    )  # fmt: skip
+    return results
 
 
 def _load_for_eval(checkpoint: str, dtype: str):
@@ -264,40 +324,49 @@ def _load_for_eval(checkpoint: str, dtype: str):
 
 
 def evaluate_parallel(
-    checkpoints_by_model: dict[str, str], out: Path, task_names: list[str], limit: int | None, dtype: str, jobs: int
-) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The four evaluations as `python -m anllm_jax.eval` processes, `jobs` at a time; returns their results and
-    log-likelihoods."""
+    checkpoints_by_model: dict[str, str], out: Path, task_names: list[str], profile: Profile, dtype: str, jobs: int
+) -> dict[str, dict]:
+    """The four evaluations as `python -m anllm_jax.eval` processes, `jobs` at a time; returns their results."""
     commands = {}
     for name, checkpoint in checkpoints_by_model.items():
         commands[f"eval-{name}"] = [
             sys.executable, "-m", "anllm_jax.eval", "--checkpoint", checkpoint, "--tasks", ",".join(task_names),
-            "--shots", ",".join(map(str, SHOTS)), "--mode", ",".join(EVAL_MODES), "--output", str(out / "eval" / name),
-            "--dtype", dtype, "--no-progress",
-        ] + (["--limit", str(limit)] if limit else [])  # fmt: skip
+            "--shots", ",".join(map(str, profile.shots)), "--mode", ",".join(MODEL_MODES[name]),
+            "--output", str(out / "eval" / name), "--dtype", dtype, "--no-progress", "--resume",
+        ] + (["--limit", str(profile.limit)] if profile.limit else [])  # fmt: skip
     run_workers(commands, out, jobs)
-    evals, lls = {}, {}
-    for name in checkpoints_by_model:
-        evals[name] = json.loads((out / "eval" / name / "results.json").read_text())
-        lls[name] = json.loads((out / "eval" / name / "loglikelihoods.json").read_text())
-    return evals, lls
+    return {name: json.loads((out / "eval" / name / "results.json").read_text()) for name in checkpoints_by_model}
 
 
 def time_alone(
-    checkpoints_by_model: dict[str, str], task_names: list[str], limit: int | None, dtype: str
-) -> dict[str, float | None]:
-    """No-cache / anchor-cache scoring time ratio at 5 shots per model, measured one model at a time in this
-    process (the parallel evaluations share the accelerator, so their own timings are not comparable)."""
+    checkpoints_by_model: dict[str, str], out: Path, task_names: list[str], profile: Profile, dtype: str
+) -> dict[str, dict[str, Any]]:
+    """Per timed model, measured one model at a time in this process: the no-cache / anchor-cache scoring time
+    ratio at 5 shots over the first `timing_limit` documents per task, and the largest |log-likelihood|
+    difference between the two modes (the same function, so rounding only). Resumes from DIR/timing/<model>."""
     from anllm_jax import eval
 
-    ratios = {}
-    for name, checkpoint in checkpoints_by_model.items():
-        model, tokenizer = _load_for_eval(checkpoint, dtype)
-        results, _ = eval.run(model, tokenizer, task_names, [5], ["no-cache", "anchor-cache"], limit, progress=False)
-        per_task = results["results"]["5"].values()
-        cache_s = sum(r["modes"]["anchor-cache"]["seconds"] for r in per_task)
-        ratios[name] = sum(r["modes"]["no-cache"]["seconds"] for r in per_task) / cache_s if cache_s > 0 else None
-    return ratios
+    timing = {}
+    for name in TIMED:
+        model, tokenizer = _load_for_eval(checkpoints_by_model[name], dtype)
+        results, lls = eval.run(
+            model, tokenizer, task_names, [TIMING_SHOTS], ["no-cache", "anchor-cache"], profile.timing_limit or None,
+            progress=False, checkpoint=checkpoints_by_model[name], output=str(out / "timing" / name), resume=True,
+        )  # fmt: skip
+        per_task = results["results"][str(TIMING_SHOTS)]
+        seconds = {m: sum(r["modes"][m]["seconds"] for r in per_task.values()) for m in ("no-cache", "anchor-cache")}
+        worst = 0.0
+        for t in task_names:
+            per_doc = lls[str(TIMING_SHOTS)][t]
+            for doc_a, doc_b in zip(per_doc["anchor-cache"], per_doc["no-cache"], strict=True):
+                worst = max([worst] + [abs(x - y) for x, y in zip(doc_a, doc_b, strict=True)])
+        timing[name] = {
+            "documents_per_task": profile.timing_limit or None,
+            "seconds": seconds,
+            "time_ratio": seconds["no-cache"] / seconds["anchor-cache"] if seconds["anchor-cache"] > 0 else None,
+            "max_abs_loglik_diff": worst,
+        }
+    return timing
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,37 +374,33 @@ def time_alone(
 
 
 def table_rows(
-    evals: dict[str, dict], task_names: list[str], time_ratios: dict[str, float | None] | None = None
+    evals: dict[str, dict], task_names: list[str], shots: tuple[int, ...], timing: dict[str, dict]
 ) -> list[dict[str, Any]]:
     """One row per (shots, model, table mode): acc per task (%), their mean, KV reduction over all scored rows (%);
     for anchor-cache also the KV reduction of the cached prefixes (the demonstrations at 5 shots, each question's
-    shared context at 0 shots) and the no-cache / anchor-cache time ratio over all tasks (compilation excluded),
-    taken from `time_ratios` (5-shot ratios measured alone, per model) when the evaluations ran in parallel."""
+    shared context at 0 shots) and, for timed models at 5 shots, the timing stage's no-cache / anchor-cache ratio."""
     rows = []
-    for k in SHOTS:
+    for k in shots:
         for name in MODELS:
             per_task = evals[name]["results"][str(k)]
-            for mode in TABLE_MODES:
-                acc = {t: 100 * per_task[t]["modes"][mode]["acc"] for t in task_names}
-                kv_full = sum(per_task[t]["modes"][mode]["kv_full"] for t in task_names)
-                kv_kept = sum(per_task[t]["modes"][mode]["kv_kept"] for t in task_names)
+            for mode in MODEL_MODES[name]:
+                stats = {t: per_task[t]["modes"][mode] for t in task_names}
+                acc = {t: 100 * stats[t]["acc"] for t in task_names}
+                kv_full = sum(s["kv_full"] for s in stats.values())
+                kv_kept = sum(s["kv_kept"] for s in stats.values())
                 ratio = prefix_reduction = None
-                if mode == "anchor-cache" and time_ratios is not None:
-                    ratio = time_ratios[name] if k == 5 else None
-                elif mode == "anchor-cache":
-                    base_s = sum(per_task[t]["modes"]["no-cache"]["seconds"] for t in task_names)
-                    cache_s = sum(per_task[t]["modes"]["anchor-cache"]["seconds"] for t in task_names)
-                    ratio = base_s / cache_s if cache_s > 0 else None
                 if mode == "anchor-cache":
-                    prefix = sum(per_task[t]["modes"][mode]["prefix_tokens"] for t in task_names)
-                    prefix_kept = sum(per_task[t]["modes"][mode]["prefix_entries_kept"] for t in task_names)
+                    prefix = sum(s["prefix_tokens"] for s in stats.values())
+                    prefix_kept = sum(s["prefix_entries_kept"] for s in stats.values())
                     prefix_reduction = 100 * (1 - prefix_kept / prefix) if prefix else None
+                    if k == TIMING_SHOTS and name in timing:
+                        ratio = timing[name]["time_ratio"]
                 rows.append(
                     {
                         "shots": k,
                         "model": name,
                         "mode": mode,
-                        "n": {t: per_task[t]["modes"][mode]["n"] for t in task_names},
+                        "n": {t: s["n"] for t, s in stats.items()},
                         "acc": acc,
                         "average": sum(acc.values()) / len(acc),
                         "kv_reduction": 100 * (1 - kv_kept / kv_full) if kv_full else 0.0,
@@ -346,25 +411,11 @@ def table_rows(
     return rows
 
 
-def consistency(lls: dict[str, dict], task_names: list[str]) -> dict[str, float]:
-    """Largest |log-likelihood| difference between anchor-cache and no-cache (the same function) per model."""
-    out = {}
-    for name, per_shots in lls.items():
-        worst = 0.0
-        for k in SHOTS:
-            for t in task_names:
-                cached, uncached = per_shots[str(k)][t]["anchor-cache"], per_shots[str(k)][t]["no-cache"]
-                for doc_a, doc_b in zip(cached, uncached, strict=True):
-                    worst = max([worst] + [abs(x - y) for x, y in zip(doc_a, doc_b, strict=True)])
-        out[name] = worst
-    return out
-
-
-def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def checks(rows: list[dict[str, Any]], shots: tuple[int, ...]) -> dict[str, Any]:
     """The reproduction's targets, read off the table (AC at 5 shots), and the paper-style deltas."""
 
-    def row(model: str, shots: int, mode: str) -> dict[str, Any]:
-        return next(r for r in rows if r["model"] == model and r["shots"] == shots and r["mode"] == mode)
+    def row(model: str, k: int, mode: str) -> dict[str, Any]:
+        return next(r for r in rows if r["model"] == model and r["shots"] == k and r["mode"] == mode)
 
     ac_full, ac_cache = row("ac", 5, "full"), row("ac", 5, "anchor-cache")
     drop = ac_full["average"] - ac_cache["average"]
@@ -376,10 +427,12 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "ac_5shot_kv_reduction": ac_cache["kv_reduction"],
         "ac_5shot_prefix_kv_reduction": ac_cache["prefix_kv_reduction"],
         "ac_5shot_kv_target_met": ac_cache["prefix_kv_reduction"] >= 100 * TARGET_AC_KV_REDUCTION,
-        "control_avg": {k: row("control", k, "full")["average"] for k in SHOTS},
-        "base_avg": {k: row("base", k, "full")["average"] for k in SHOTS},
+        "control_avg": {k: row("control", k, "full")["average"] for k in shots},
+        "base_avg": {k: row("base", k, "full")["average"] for k in shots},
         "full_minus_anchor_cache_5shot": {
-            m: row(m, 5, "full")["average"] - row(m, 5, "anchor-cache")["average"] for m in MODELS
+            m: row(m, 5, "full")["average"] - row(m, 5, "anchor-cache")["average"]
+            for m in MODELS
+            if "anchor-cache" in MODEL_MODES[m]
         },
     }
 
@@ -388,13 +441,31 @@ def _cell(x: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
-def markdown(report: dict[str, Any]) -> str:
+def _table(report: dict[str, Any], k: int) -> list[str]:
     task_names = report["tasks"]
-    head = "| model | mode | " + " | ".join(task_names) + " | avg | KV red. % rows | KV red. % prefix | time ratio |"
-    sep = "|---|---|" + "---|" * len(task_names) + "---|---|---|---|"
-    label = "SMOKE RUN (pipeline check only; the numbers are not results)" if report["smoke"] else "full run"
     lines = [
-        f"# AnLLM small-scale reproduction: {label}",
+        "| model | mode | " + " | ".join(task_names) + " | avg | KV red. % rows | KV red. % prefix | time ratio |",
+        "|---|---|" + "---|" * len(task_names) + "---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if r["shots"] != k:
+            continue
+        cells = [_cell(r["acc"][t]) for t in task_names]
+        cells += [_cell(r["average"]), _cell(r["kv_reduction"]), _cell(r["prefix_kv_reduction"])]
+        cells.append(_cell(r["time_ratio"], "{:.2f}x"))
+        lines.append(f"| {MODEL_LABELS[r['model']]} | {r['mode']} | " + " | ".join(cells) + " |")
+    if k == 0:
+        blank = " | ".join("-" for _ in task_names)
+        for model, avg in PAPER["avg_0shot_full"].items():
+            lines.append(f"| paper: {model} (7B) | full | {blank} | {avg} | - | - | - |")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    profile = report["profile"]
+    label = {"smoke": "SMOKE RUN (pipeline check only; the numbers are not results)", "cpu": "CPU profile"}
+    lines = [
+        f"# AnLLM small-scale reproduction: {label.get(profile, 'full run')}",
         "",
         f"commit {report['commit']} | {report['hardware']} | jax {report['jax']} | "
         f"total wall time {report['total_seconds']:.0f} s | n per task: {report['limit'] or 'all'}",
@@ -403,22 +474,11 @@ def markdown(report: dict[str, Any]) -> str:
         "caching over all scored rows (demonstrations + question + option); KV red. prefix = the same over the "
         "cached prefixes only (the demonstrations at 5 shots, each question's shared context at 0 shots); "
         "time ratio = scoring time without a cache (one AnSAN forward per row) / with the anchor cache, "
-        f"compilation excluded, measured in {report['time_ratio_source']}. anchor-cache scores equal AnSAN "
-        "scores. Base and control use '.' as anchors without having been trained for them.",
+        f"compilation excluded, 5 shots, first {report['timing_limit'] or 'all'} documents per task, one model at a "
+        "time. anchor-cache scores equal AnSAN scores. Base uses '.' as anchors without having been trained for them.",
     ]
-    for k in SHOTS:
-        lines += ["", f"## {k}-shot", "", head, sep]
-        for r in report["rows"]:
-            if r["shots"] != k:
-                continue
-            cells = [_cell(r["acc"][t]) for t in task_names]
-            cells += [_cell(r["average"]), _cell(r["kv_reduction"]), _cell(r["prefix_kv_reduction"])]
-            cells.append(_cell(r["time_ratio"], "{:.2f}x"))
-            lines.append(f"| {MODEL_LABELS[r['model']]} | {r['mode']} | " + " | ".join(cells) + " |")
-        if k == 0:
-            blank = " | ".join("-" for _ in task_names)
-            for model, avg in PAPER["avg_0shot_full"].items():
-                lines.append(f"| paper: {model} (7B) | full | {blank} | {avg} | - | - | - |")
+    for k in report["shots"]:
+        lines += ["", f"## {k}-shot", "", *_table(report, k)]
     c, p = report["checks"], PAPER
     max_ratio = max((r["time_ratio"] or 0.0) for r in report["rows"])
     lines += [
@@ -436,30 +496,34 @@ def markdown(report: dict[str, Any]) -> str:
         f"({'met' if c['ac_5shot_kv_target_met'] else 'not met'}) |",
         f"| EP 5-shot: full avg - anchor-cache avg (points) | {c['full_minus_anchor_cache_5shot']['ep']:.1f} | "
         f"paper ~{p['ansan_5shot_avg_loss_points']} |",
-        f"| control avg, full attention, 0 / 5 shots | {c['control_avg'][0]:.1f} / {c['control_avg'][5]:.1f} | "
-        f"base {c['base_avg'][0]:.1f} / {c['base_avg'][5]:.1f} |",
+        f"| base 5-shot: full avg - anchor-cache avg (points, untrained mask) | "
+        f"{c['full_minus_anchor_cache_5shot']['base']:.1f} | - |",
+        "| control avg, full attention | "
+        + " / ".join(f"{c['control_avg'][k]:.1f}" for k in report["shots"])
+        + " | base "
+        + " / ".join(f"{c['base_avg'][k]:.1f}" for k in report["shots"])
+        + f" ({' / '.join(f'{k}' for k in report['shots'])} shots) |",
         f"| max time ratio (no cache / anchor cache) | {_cell(max_ratio, '{:.2f}x')} | "
         f"paper up to {p['max_time_ratio']}x |",
         "| max abs log-likelihood difference, anchor-cache vs no-cache | "
-        + ", ".join(f"{m} {v:.1e}" for m, v in report["loglik_consistency"].items())
+        + ", ".join(f"{m} {t['max_abs_loglik_diff']:.1e}" for m, t in report["timing"].items())
         + " | 0 up to rounding (same function) |",
         "",
         "## Training",
         "",
-        "| run | anchor mode | steps | tokens | first loss | final loss | held-out ppl full / AnSAN mask, before "
-        "-> after |",
-        "|---|---|---|---|---|---|---|",
+        "| run | training mask | steps | tokens | first loss | final loss | held-out ppl full / AnSAN mask, before "
+        "-> after | AnSAN/full ratio, before -> after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, t in report["training"].items():
         before, after = t["heldout_ppl_before"], t["heldout_ppl_after"]
-        ppl = (
-            f"{before['full']:.2f} / {before['ansan']:.2f} -> {after['full']:.2f} / {after['ansan']:.2f}"
-            if before and after
-            else "-"
-        )
+        ppl = ratio = "-"
+        if before and after:
+            ppl = f"{before['full']:.2f} / {before['ansan']:.2f} -> {after['full']:.2f} / {after['ansan']:.2f}"
+            ratio = f"{before['ansan'] / before['full']:.2f} -> {after['ansan'] / after['full']:.2f}"
         lines.append(
             f"| {name} | {t['anchor_mode']} | {t['steps']} | {t['tokens']:,} | {_cell(t['first_loss'], '{:.3f}')} | "
-            f"{_cell(t['final_loss'], '{:.3f}')} | {ppl} |"
+            f"{_cell(t['final_loss'], '{:.3f}')} | {ppl} | {ratio} |"
         )
     lines += ["", "## Wall time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s} | {v:.1f} |" for s, v in report["stage_seconds"].items()]
@@ -467,18 +531,20 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(training: dict[str, dict[str, Any]], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(training: dict[str, dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, t in training.items():
-        by_step: dict[int, float] = {}
-        for line in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            by_step[row["step"]] = row["loss"]
+        by_step = {row["step"]: row["loss"] for row in _jsonl(Path(t["run_dir"]) / "metrics.jsonl")}
         steps = sorted(by_step)
         ax.plot(steps, [by_step[s] for s in steps], marker="." if len(steps) < 20 else None, label=MODEL_LABELS[name])
     ax.set_xlabel("step")
@@ -491,40 +557,87 @@ def plot_losses(training: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(run_dirs: dict[str, Path], path: Path) -> bool:
+    """Held-out perplexity under the full and the AnSAN mask, and their ratio, against the step, one line per run
+    (from each run's eval.jsonl); False when no run has evaluated yet."""
+    curves = {name: _jsonl(d / "eval.jsonl") for name, d in run_dirs.items()}
+    curves = {name: rows for name, rows in curves.items() if rows}
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = (
+        ("held-out ppl, full mask", lambda r: r["ppl_full"]),
+        ("held-out ppl, AnSAN mask", lambda r: r["ppl_ansan"]),
+        ("AnSAN / full perplexity", lambda r: r["ppl_ansan"] / r["ppl_full"]),
+    )
+    for ax, (title, value) in zip(axes, panels, strict=True):
+        for name, rows in curves.items():
+            by_step = {r["step"]: value(r) for r in rows}
+            steps = sorted(by_step)
+            ax.plot(steps, [by_step[s] for s in steps], marker=".", label=MODEL_LABELS[name])
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    fig.suptitle("continual pretraining of SmolLM2-135M: held-out perplexity (the control's AnSAN mask uses '.')")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def publish(out: Path, dest: Path) -> None:
+    """Copy the small outputs (run metrics and learning curves, evaluation and timing results, the report and its
+    plots) from `out` to `dest`, keeping their relative paths."""
+    plot_curves({name: out / "runs" / name for name in RUNS}, out / "learning_curves.png")
+    patterns = [
+        "runs/*/metrics.jsonl", "runs/*/eval.jsonl", "runs/*/config.yaml", "eval/*/results.json", "eval/*/results.md",
+        "timing/*/results.json", "results.json", "results.md", "learning_curves.png", "loss_curves.png",
+    ]  # fmt: skip
+    for pattern in patterns:
+        for src in out.glob(pattern):
+            target = dest / src.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/reproduce.sh", description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="every stage at toy size, on CPU in a few minutes")
-    p.add_argument("--out", default=None, help="output folder (default runs/reproduce, or runs/reproduce-smoke)")
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help=f"questions per task (default {FULL_LIMIT}; smoke {SMOKE_LIMIT}); 0 scores every question",
-    )
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--cpu", action="store_true", help="the CPU profile: 2 cores, about 110 minutes")
+    kind.add_argument("--smoke", action="store_true", help="the CPU profile at toy size, a few minutes")
+    p.add_argument("--out", default=None, help="output folder (default runs/reproduce, -cpu or -smoke)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (default: the profile's); 0: all")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default all 8; smoke winogrande)")
     p.add_argument(
         "--jobs",
         type=int,
         default=None,
         help="1: train and evaluate in this process, one model at a time; N > 1: trainings, then evaluations, as up "
-        "to N subprocesses at once sharing the accelerator, with 5-shot time ratios re-measured alone (default 4; "
-        "smoke 1)",
+        "to N subprocesses at once sharing the accelerator (default 4 on GPU, 1 on CPU)",
     )
+    p.add_argument("--publish", default=None, help="copy the small outputs here after every stage (e.g. docs/...)")
     args = p.parse_args(argv)
+    args.profile = PROFILES["smoke" if args.smoke else "cpu" if args.cpu else "gpu"]
     if args.jobs is None:
-        args.jobs = 1 if args.smoke else 4
+        args.jobs = args.profile.jobs
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.limit is not None and args.limit < 0:
         p.error(f"--limit must be >= 0, got {args.limit}")
+    if args.limit is not None:
+        args.profile = dataclasses.replace(args.profile, limit=args.limit)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    profile: Profile = args.profile
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     if args.jobs > 1:
@@ -535,21 +648,20 @@ def main(argv: list[str] | None = None) -> int:
     from anllm_jax import eval, records, tasks
 
     on_cpu = jax.devices()[0].platform == "cpu"
-    if on_cpu and not args.smoke:
+    if on_cpu and profile.accelerator:
         print(
-            "reproduce: error: the full run needs a GPU (~8 min on one H100); on CPU run scripts/reproduce.sh --smoke",
+            "reproduce: error: the default profile needs a GPU (~8 min on one H100); on CPU run "
+            "scripts/reproduce.sh --cpu (about 110 minutes on 2 cores) or --smoke",
             file=sys.stderr,
         )
         return 2
-    out = Path(args.out or ("runs/reproduce-smoke" if args.smoke else "runs/reproduce")).absolute()
+    out = Path(args.out or {"gpu": "runs/reproduce"}.get(profile.name, f"runs/reproduce-{profile.name}")).absolute()
     try:
-        task_names = tasks.resolve_tasks(args.tasks) if args.tasks else list(SMOKE_TASKS if args.smoke else tasks.TASKS)
-        eval.check_shots(task_names, SHOTS)
+        task_names = tasks.resolve_tasks(args.tasks) if args.tasks else list(profile.tasks or tasks.TASKS)
+        eval.check_shots(task_names, profile.shots)
     except (ValueError, FileNotFoundError) as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return 2
-    limit = args.limit if args.limit is not None else (SMOKE_LIMIT if args.smoke else FULL_LIMIT)
-    limit = limit or None
     dtype = "float32" if on_cpu else "bfloat16"
     out.mkdir(parents=True, exist_ok=True)
     if args.jobs > 1:
@@ -559,65 +671,69 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     commit, hardware = records.commit(), records.hardware()
-    log.info("output %s | commit %s | %s | tasks %s | limit %s", out, commit, hardware, task_names, limit)
+    log.info("profile %s | output %s | commit %s | %s | tasks %s | limit %s", profile.name, out, commit, hardware,
+             task_names, profile.limit)  # fmt: skip
 
-    timer = Timer()
+    timer = Timer(after=(lambda: publish(out, Path(args.publish).absolute())) if args.publish else None)
     starts = timer.run("convert", convert, out)
-    corpus = timer.run("prepare", prepare, out, args.smoke)
+    corpus = timer.run("prepare", prepare, out, profile)
     if args.jobs > 1:
-        training = timer.run("train", train_parallel, out, starts, corpus, args.smoke, args.jobs)
+        training = timer.run("train", train_parallel, out, starts, corpus, profile, args.jobs)
     else:
         training = {
-            name: timer.run(f"train-{name}", train_in_process, name, out, starts[mode], corpus, args.smoke)
-            for name, mode in RUNS.items()
+            name: timer.run(f"train-{name}", train_in_process, name, out, starts[STARTS[name]], corpus, profile)
+            for name in RUNS
         }
     checkpoints_by_model = {"base": starts["full"]} | {name: t["checkpoint"] for name, t in training.items()}
-    time_ratios = None
     if args.jobs > 1:
-        evals, lls = timer.run(
-            "eval", evaluate_parallel, checkpoints_by_model, out, task_names, limit, dtype, args.jobs
-        )
-        time_ratios = timer.run("timing", time_alone, checkpoints_by_model, task_names, limit, dtype)
+        evals = timer.run("eval", evaluate_parallel, checkpoints_by_model, out, task_names, profile, dtype, args.jobs)
     else:
-        evals, lls = {}, {}
-        for name in MODELS:
-            evals[name], lls[name] = timer.run(
-                f"eval-{name}", evaluate, name, checkpoints_by_model[name], out, task_names, limit, dtype
-            )
+        evals = {
+            name: timer.run(f"eval-{name}", evaluate, name, checkpoints_by_model[name], out, task_names, profile, dtype)
+            for name in MODELS
+        }
+    timing = timer.run("timing", time_alone, checkpoints_by_model, out, task_names, profile, dtype)
 
     t0 = time.perf_counter()
-    rows = table_rows(evals, task_names, time_ratios)
+    rows = table_rows(evals, task_names, profile.shots, timing)
     plot_losses(training, out / "loss_curves.png")
+    plot_curves({name: Path(t["run_dir"]) for name, t in training.items()}, out / "learning_curves.png")
     timer.stages["report"] = time.perf_counter() - t0
     report = {
-        "smoke": args.smoke,
+        "profile": profile.name,
+        "smoke": profile.name == "smoke",
         "commit": commit,
         "hardware": hardware,
         "jax": jax.__version__,
         "eval_dtype": dtype,
         "tasks": task_names,
-        "shots": list(SHOTS),
-        "limit": limit,
-        "eval_modes": list(EVAL_MODES),
+        "shots": list(profile.shots),
+        "limit": profile.limit or None,
+        "timing_limit": profile.timing_limit or None,
+        "model_modes": {m: list(MODEL_MODES[m]) for m in MODELS},
         "jobs": args.jobs,
-        "time_ratio_source": "a 5-shot rerun of each model alone" if time_ratios is not None else "the evaluation",
         "training": training,
         "rows": rows,
-        "checks": checks(rows),
-        "loglik_consistency": consistency(lls, task_names),
+        "checks": checks(rows, profile.shots),
+        "timing": timing,
         "paper": PAPER,
         "stage_seconds": timer.stages,
         "total_seconds": timer.total(),
     }
     records.write_json(out / "results.json", report)
     records.write_text(out / "results.md", markdown(report))
+    if args.publish:
+        publish(out, Path(args.publish).absolute())
     print(markdown(report))
     for stage, seconds in timer.stages.items():
         print(f"{stage:>14}: {seconds:7.1f} s")
     print(f"{'total':>14}: {report['total_seconds']:7.1f} s | commit {report['commit']} | {report['hardware']}")
-    print(f"wrote {out}/results.json, results.md, loss_curves.png")
+    print(f"wrote {out}/results.json, results.md, learning_curves.png, loss_curves.png")
     return 0
 
 
 if __name__ == "__main__":
+    from anllm_jax.hostmem import preload_tcmalloc
+
+    preload_tcmalloc()
     sys.exit(main())
