@@ -61,6 +61,7 @@ class Tokenizer:
         bos_id: int | None = None,
         eos_id: int | None = None,
         pad_id: int | None = None,
+        chat_template: str | None = None,
     ):
         if (sp_proto is None) == (bpe is None):
             raise ValueError("Tokenizer needs exactly one of sp_proto (sentencepiece) or bpe (tokenizers)")
@@ -76,6 +77,8 @@ class Tokenizer:
         self.bos_id = bos_id if bos_id is not None and bos_id >= 0 else None
         self.eos_id = eos_id if eos_id is not None and eos_id >= 0 else None
         self.pad_id = pad_id if pad_id is not None and pad_id >= 0 else None
+        # The Jinja chat template of an instruct model (GGUF `tokenizer.chat_template`, HF tokenizer_config.json).
+        self.chat_template = chat_template
 
     # ----------------------------------------------------------------------------------------------------------------
     # Construction
@@ -104,6 +107,7 @@ class Tokenizer:
             "bos_id": meta.get("tokenizer.ggml.bos_token_id"),
             "eos_id": meta.get("tokenizer.ggml.eos_token_id"),
             "pad_id": meta.get("tokenizer.ggml.padding_token_id"),
+            "chat_template": meta.get("tokenizer.chat_template"),
         }
         if model == "gpt2":
             bpe = tokenizers.Tokenizer(
@@ -160,8 +164,8 @@ class Tokenizer:
             with open(os.path.join(directory, META_FILE)) as f:
                 meta = json.load(f)
         else:
-            meta = _hf_special_ids(directory)
-        ids = {k: meta.get(k) for k in ("bos_id", "eos_id", "pad_id")}
+            meta = _hf_special_ids(directory) | {"chat_template": _hf_chat_template(directory)}
+        ids = {k: meta.get(k) for k in ("bos_id", "eos_id", "pad_id", "chat_template")}
         if os.path.exists(os.path.join(directory, BPE_FILE)):
             return cls.from_tokenizer_json(os.path.join(directory, BPE_FILE), **ids)
         if os.path.exists(os.path.join(directory, SP_FILE)):
@@ -177,7 +181,8 @@ class Tokenizer:
             with open(os.path.join(directory, SP_FILE), "wb") as f:
                 f.write(self._sp_proto)
         with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump({"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}, f)
+            meta = {"kind": self.kind, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+            json.dump(meta | ({"chat_template": self.chat_template} if self.chat_template else {}), f)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Encoding
@@ -279,6 +284,8 @@ class Tokenizer:
             for name, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))
             if i is not None
         }
+        if self.chat_template:
+            special["chat_template"] = self.chat_template
         cls_name = "LlamaTokenizer" if self.kind == "sentencepiece" else "PreTrainedTokenizerFast"
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": cls_name, "add_bos_token": False, **special}, f, indent=2)
@@ -296,3 +303,21 @@ def _hf_special_ids(directory: str) -> dict[str, int | None]:
         v = cfg.get(f"{key}_token_id")
         out[f"{key}_id"] = v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
     return out
+
+
+def _hf_chat_template(directory: str) -> str | None:
+    """The chat template of an HF model directory: chat_template.jinja, or the "chat_template" entry of
+    tokenizer_config.json (a string, or a list of named templates of which "default" is the one to use)."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja) as f:
+            return f.read()
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
