@@ -291,26 +291,8 @@ def _load_hf(directory: str, overrides: dict[str, Any]) -> tuple[Llama, Tokenize
     return model, Tokenizer.load(directory) if has_tok else None
 
 
-def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str) -> None:
-    """Write `directory` so that `transformers.LlamaForCausalLM.from_pretrained(directory)` loads the model.
-
-    Weights go into one `model.safetensors` in the model's parameter dtype; the tokenizer files (if any) beside.
-    """
-    from safetensors.numpy import save_file
-
-    cfg = model.cfg
-    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    def np_(x: Any) -> np.ndarray:
-        return np.asarray(jax.device_get(x))
-
-    tensors = {"model.embed_tokens.weight": np_(p["embed"]), "model.norm.weight": np_(p["final_norm"])}
-    for name, (hf_name, _) in _LAYER_NAMES.items():
-        stacked = np_(p["blocks"][name])
-        for i in range(cfg.n_layers):
-            tensors[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(_to_hf(name, stacked[i]))
-    if not cfg.tie_embeddings:
-        tensors["lm_head.weight"] = np.ascontiguousarray(np_(p["lm_head"]).T)
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The transformers `config.json` of a model config (LlamaForCausalLM), anchor settings included."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -321,7 +303,7 @@ def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str) -> None
             high_freq_factor=s.high_freq_factor,
             original_max_position_embeddings=s.original_max_position_embeddings,
         )
-    hf_cfg = {
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -346,6 +328,29 @@ def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str) -> None
         "anllm_anchor_mode": cfg.anchor_mode,
         "anllm_anchor_ids": list(cfg.anchor_ids),
     }
+
+
+def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str) -> None:
+    """Write `directory` so that `transformers.LlamaForCausalLM.from_pretrained(directory)` loads the model.
+
+    Weights go into one `model.safetensors` in the model's parameter dtype; the tokenizer files (if any) beside.
+    """
+    from safetensors.numpy import save_file
+
+    cfg = model.cfg
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def np_(x: Any) -> np.ndarray:
+        return np.asarray(jax.device_get(x))
+
+    tensors = {"model.embed_tokens.weight": np_(p["embed"]), "model.norm.weight": np_(p["final_norm"])}
+    for name, (hf_name, _) in _LAYER_NAMES.items():
+        stacked = np_(p["blocks"][name])
+        for i in range(cfg.n_layers):
+            tensors[f"model.layers.{i}.{hf_name}"] = np.ascontiguousarray(_to_hf(name, stacked[i]))
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = np.ascontiguousarray(np_(p["lm_head"]).T)
+    hf_cfg = hf_config(cfg)
 
     def write(tmp: str) -> None:
         save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})

@@ -7,12 +7,9 @@ import difflib
 import os
 import types
 import typing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-
-if TYPE_CHECKING:
-    from anllm_jax.data import DataConfig
 
 ANCHOR_MODES = ("full", "ep", "ac")
 ATTENTION_IMPLS = ("xla", "cudnn", "cudnn_causal", "anchor", "anchor_pallas")
@@ -206,6 +203,53 @@ class ModelSection:
     ep_strings: tuple[str, ...] = (".",)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to cut it into rows.
+
+    path: a prepared corpus (the `--output` folder of `prepare`, or the dataset folder inside it).
+    split: "train" or "validation".
+    anchor_mode: "ac" inserts `<AC>` after every sentence; "ep" and "full" keep the raw text.
+    seq_len: tokens per row.
+    packing: False = one document per row, right-truncated and padded (the AnLLM recipe);
+        True = documents concatenated and cut into full rows, each piece its own segment.
+    shuffle / shuffle_seed: seeded document shuffle, a different permutation every epoch.
+    num_epochs: None repeats forever.
+    add_bos: start each document with the tokenizer's BOS (if it has one). Turn off for tokenizers whose "BOS"
+        is a chat marker (the SmolLM2 GGUF names <|im_start|>).
+    read_threads: threads that tokenize ahead of the consumer.
+    split_by: how the processes of a multi-process job share the stream. "rows": every process reads the whole
+        stream and keeps its block of each global batch, so batches (and a resumed iterator) are the same for any
+        process count; "documents": each process reads every N-th document, which scales to many hosts but makes
+        the batches depend on the process count.
+    """
+
+    path: str = "data/corpus"
+    split: str = "train"
+    anchor_mode: str = "ac"
+    seq_len: int = 4096
+    packing: bool = False
+    shuffle: bool = True
+    shuffle_seed: int = 0
+    num_epochs: int | None = None
+    add_bos: bool = True
+    read_threads: int = 4
+    split_by: str = "rows"
+
+    def __post_init__(self) -> None:
+        if self.anchor_mode not in ANCHOR_MODES:
+            raise ValueError(f"anchor_mode={self.anchor_mode!r} is not one of {', '.join(ANCHOR_MODES)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be at least 2 (a token and its next-token target)")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"num_epochs={self.num_epochs} must be a positive number of epochs or None (forever)")
+        if not 0 <= self.shuffle_seed < 2**32:
+            raise ValueError(f"shuffle_seed={self.shuffle_seed} must be in [0, 2**32)")
+        _check_choice("data.split_by", self.split_by, ("rows", "documents"))
+        if self.read_threads < 1:
+            raise ValueError(f"read_threads={self.read_threads} must be at least 1")
+
+
 @dataclasses.dataclass
 class OptimizerConfig:
     """AdamW with linear warm-up then a constant, cosine or linear schedule."""
@@ -305,7 +349,7 @@ class TrainConfig:
     # checkpoint; "smollm2" names the packaged SmolLM2-135M GGUF.
     load_parameters_path: str | None = None
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    data: DataConfig = dataclasses.field(default_factory=lambda: _data_config_cls()())
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -345,15 +389,8 @@ class TrainConfig:
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
-def _data_config_cls() -> type:
-    # The data section's schema lives with the pipeline; imported lazily so that data.py may import this module.
-    from anllm_jax.data import DataConfig
-
-    return DataConfig
-
-
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, localns={"DataConfig": _data_config_cls()} if cls is TrainConfig else None)
+    return typing.get_type_hints(cls)
 
 
 def _type_name(tp: Any) -> str:

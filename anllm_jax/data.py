@@ -2,14 +2,17 @@
 
 API used by the trainer:
 
-    cfg = DataConfig(path="data/corpus", anchor_mode="ac", seq_len=4096, packing=False, shuffle_seed=0)
+    cfg = config.DataConfig(path="data/corpus", anchor_mode="ac", seq_len=4096, packing=False, shuffle_seed=0)
     it = make_iterator(cfg, tokenizer, global_batch_size, jax.process_index(), jax.process_count())
     batch = next(it)             # process-local numpy: {"tokens": int32[b, T], "segment_ids": int32[b, T]}
     arrays = to_global(batch, sharding)   # global jax.Arrays, b * process_count rows
     state = it.get_state()       # JSON-serialisable dict; save one per process in every checkpoint
     it.set_state(state)          # a fresh iterator continues with exactly the same batches
 
-- `b = global_batch_size // process_count`. Each process reads only documents `process_index::process_count`.
+- `b = global_batch_size // process_count`. With `split_by="rows"` (the default) every process reads the whole
+  stream and keeps rows `[process_index * b, (process_index + 1) * b)` of each global batch, so the global batch is
+  the same for any process count; with `split_by="documents"` each process reads only documents
+  `process_index::process_count`.
 - `segment_ids`: 1 for the tokens of a one-document row, 1..n for the documents of a packed row, 0 for padding.
   Padding positions hold `tokenizer.pad_id` (0 if it has none); segment_ids == 0 is what marks them.
   Targets are the next token, shifted by the trainer, which also drops targets across segment boundaries.
@@ -26,7 +29,6 @@ documents as a tfds dataset (array_record) under DIR; see `anllm_jax.corpus.sour
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -40,7 +42,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from anllm_jax import records
-from anllm_jax.config import ANCHOR_MODES
+from anllm_jax.config import DataConfig
 from anllm_jax.corpus import REGISTRY, AnllmCorpus, iter_documents
 from anllm_jax.sentences import is_closed, sentence_spans
 
@@ -57,47 +59,6 @@ class TextTokenizer(Protocol):
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
 
     def anchor_ids(self, mode: str, ep_strings: tuple[str, ...] = (".",)) -> tuple[int, ...]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What to read and how to cut it into rows.
-
-    path: a prepared corpus (the `--output` folder of `prepare`, or the dataset folder inside it).
-    split: "train" or "validation".
-    anchor_mode: "ac" inserts `<AC>` after every sentence; "ep" and "full" keep the raw text.
-    seq_len: tokens per row.
-    packing: False = one document per row, right-truncated and padded (the AnLLM recipe);
-        True = documents concatenated and cut into full rows, each piece its own segment.
-    shuffle / shuffle_seed: seeded document shuffle, a different permutation every epoch.
-    num_epochs: None repeats forever.
-    add_bos: start each document with the tokenizer's BOS (if it has one). Turn off for tokenizers whose "BOS"
-        is a chat marker (the SmolLM2 GGUF names <|im_start|>).
-    read_threads: threads that tokenize ahead of the consumer.
-    """
-
-    path: str = "data/corpus"
-    split: str = "train"
-    anchor_mode: str = "ac"
-    seq_len: int = 4096
-    packing: bool = False
-    shuffle: bool = True
-    shuffle_seed: int = 0
-    num_epochs: int | None = None
-    add_bos: bool = True
-    read_threads: int = 4
-
-    def __post_init__(self) -> None:
-        if self.anchor_mode not in ANCHOR_MODES:
-            raise ValueError(f"anchor_mode={self.anchor_mode!r} is not one of {', '.join(ANCHOR_MODES)}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len={self.seq_len} must be at least 2 (a token and its next-token target)")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"num_epochs={self.num_epochs} must be a positive number of epochs or None (forever)")
-        if not 0 <= self.shuffle_seed < 2**32:
-            raise ValueError(f"shuffle_seed={self.shuffle_seed} must be in [0, 2**32)")
-        if self.read_threads < 1:
-            raise ValueError(f"read_threads={self.read_threads} must be at least 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,9 +343,11 @@ def make_iterator(
     if cfg.anchor_mode == "ac":
         _ac_id(tokenizer)  # fail now rather than inside a reader thread
     pad = _pad_value(tokenizer)
+    by_rows = cfg.split_by == "rows"
+    readers, reader = (1, 0) if by_rows else (process_count, process_index)
 
     source = open_split(cfg.path, cfg.split)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)[reader::readers]
     if len(ds) == 0:
         raise ValueError(
             f"split {cfg.split!r} of {cfg.path} has {len(source)} documents, fewer than process_count={process_count}"
@@ -404,18 +367,71 @@ def make_iterator(
                 pad,
             )
         )
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * local_batch))
+    rows = global_batch_size if by_rows else local_batch
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * rows))
     if cfg.packing:
         it_ds = _Pack(it_ds, cfg.seq_len, pad)
-    it_ds = it_ds.batch(local_batch, drop_remainder=False)
+    it_ds = it_ds.batch(rows, drop_remainder=False)
     if cfg.num_epochs is not None:
-        it_ds = it_ds.map(lambda b: _fill_batch(b, local_batch, pad))
+        it_ds = it_ds.map(lambda b: _fill_batch(b, rows, pad))
+    if by_rows:
+        mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
+        it_ds = it_ds.map(lambda b: {k: v[mine] for k, v in b.items()})
     return iter(it_ds)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """Global jax.Arrays from every process's local batch; `sharding` splits the batch axis over processes."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class SyntheticIterator:
+    """Deterministic random batches for benchmarks and tests: rows of 1-3 packed documents, a padded tail on some
+    rows, and anchors at random positions (about one token in 12). The global batch depends only on (seed, step),
+    so any process count sees the same data; each process yields its block of rows."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        anchor_ids: tuple[int, ...],
+        seq_len: int,
+        global_batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        seed: int = 0,
+    ):
+        if global_batch_size % process_count:
+            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by {process_count} processes")
+        self.vocab_size, self.anchor_ids, self.seq_len = vocab_size, anchor_ids, seq_len
+        self.global_batch_size, self.seed, self.step = global_batch_size, seed, 0
+        rows = global_batch_size // process_count
+        self.rows = slice(process_index * rows, (process_index + 1) * rows)
+
+    def __iter__(self) -> SyntheticIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.step])
+        B, T = self.global_batch_size, self.seq_len
+        tokens = rng.integers(3, self.vocab_size, (B, T), dtype=np.int32)
+        if self.anchor_ids:
+            anchor = rng.random((B, T)) < 1 / 12
+            tokens[anchor] = rng.choice(np.asarray(self.anchor_ids, np.int32), int(anchor.sum()))
+        segment_ids = np.zeros((B, T), np.int32)
+        for b in range(B):
+            cuts = np.sort(rng.choice(np.arange(1, T), rng.integers(0, 3), replace=False))
+            end = T if rng.random() < 0.5 else int(rng.integers(T // 2, T + 1))
+            for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, T], strict=True), start=1):
+                segment_ids[b, lo : min(hi, end)] = doc
+        tokens[segment_ids == 0] = 0
+        self.step += 1
+        return {"tokens": tokens[self.rows], "segment_ids": segment_ids[self.rows]}
+
+    def get_state(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

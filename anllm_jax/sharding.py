@@ -1,4 +1,5 @@
-"""Device mesh (axes data, fsdp, tensor) and the logical-axis rules that turn parameter names into shardings.
+"""Device mesh (axes data, fsdp, tensor), the logical-axis rules that turn parameter names into shardings, and the
+processes: jax.distributed start-up, which batch rows a process feeds, and reading replicated values back.
 
 The mesh is built from within-granule sizes (`ici_*`: one TPU slice or one GPU node) times across-granule sizes
 (`dcn_*`: slices or nodes), so that the fast links carry the chatty axes. Parameters carry logical axis names
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import jax
@@ -17,7 +19,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from anllm_jax.config import MeshConfig
+from anllm_jax.config import DistributedConfig, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 log = logging.getLogger(__name__)
@@ -132,3 +134,58 @@ def batch_sharding(mesh: Mesh, rules: tuple[tuple[str, Any], ...]) -> NamedShard
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def process_rows(batch_sharding: NamedSharding, global_batch: int, seq_len: int) -> tuple[int, int]:
+    """(block index, number of blocks): the contiguous block of batch rows this process's devices hold."""
+    slices = batch_sharding.addressable_devices_indices_map((global_batch, seq_len)).values()
+    starts = [s[0].start or 0 for s in slices]
+    stops = [global_batch if s[0].stop is None else s[0].stop for s in slices]
+    lo, hi = min(starts), max(stops)
+    rows = hi - lo
+    if sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops, strict=True)}) != rows or global_batch % rows:
+        raise ValueError(
+            "this mesh gives a process non-contiguous batch rows; put the process-spanning devices on the data/fsdp "
+            "axes (mesh.dcn_* or the ici_* order)"
+        )
+    return lo // rows, global_batch // rows
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """A replicated array as a host numpy array, on every process: each reads the copy on one of its own devices
+    (a multi-process array is not fully addressable, and its local shards may live on several local devices)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
+def host_to_global(host_tree: Any, shardings: Any) -> Any:
+    """Host arrays (identical on every process) as global arrays with the given shardings: each process fills only
+    the shards of its own devices."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), host_tree, shardings
+    )
+
+
+def initialize_distributed(d: DistributedConfig) -> None:
+    """jax.distributed from the config, else from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, else
+    auto-detected on SLURM (more than one task) and multi-host TPU VMs; single-process otherwise."""
+    env = os.environ
+    address = d.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    num = d.num_processes if d.num_processes is not None else _int_env("JAX_NUM_PROCESSES")
+    pid = d.process_id if d.process_id is not None else _int_env("JAX_PROCESS_ID")
+    slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
+    tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
+    if address or num is not None:
+        if not (address and num is not None and pid is not None):
+            raise ValueError(
+                "distributed: set coordinator_address, num_processes and process_id together "
+                "(config distributed.* or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID)"
+            )
+        if num > 1:
+            jax.distributed.initialize(address, num, pid, initialization_timeout=d.initialization_timeout)
+    elif slurm or tpu_pod:
+        jax.distributed.initialize(initialization_timeout=d.initialization_timeout)
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return None if value is None else int(value)

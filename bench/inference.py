@@ -35,8 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from anllm_jax import checkpoints, kvcache, records  # noqa: E402
 from anllm_jax import generate as gen_lib  # noqa: E402
-from anllm_jax import kvcache, records  # noqa: E402
 from anllm_jax.config import preset  # noqa: E402
 from anllm_jax.model import Llama, init_model  # noqa: E402
 
@@ -56,8 +56,6 @@ def load_model(name: str, dtype: str, attention: str) -> tuple[Llama, str]:
     overrides = {"dtype": dtype, "attention": attention, "anchor_mode": "ac", "anchor_ids": (ANCHOR,)}
     if name == "smollm2-135m":
         try:
-            from anllm_jax import checkpoints
-
             model, _ = checkpoints.load(checkpoints.smollm2_gguf_path(), dtype=dtype, attention=attention)
             # Contexts past the trained 8k measure speed and memory only.
             model.cfg = model.cfg.replace(anchor_mode="ac", anchor_ids=(ANCHOR,), max_seq_len=1 << 16)
@@ -102,17 +100,7 @@ def bench_hf(model: Llama, T: int, args) -> dict | None:
         return None
     c = model.cfg
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.d_model,
-        intermediate_size=c.ffn_dim,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings,
-        max_position_embeddings=T + args.decode_tokens + 8,
-        attn_implementation="sdpa",
+        **checkpoints.hf_config(c.replace(max_seq_len=T + args.decode_tokens + 8)), attn_implementation="sdpa"
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32

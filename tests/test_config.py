@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from anllm_jax import config, sharding, train
+from anllm_jax import config, sharding, trainstep
 from anllm_jax.config import MeshConfig, OptimizerConfig, load_train_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -98,7 +98,7 @@ def _reference_lr(o: OptimizerConfig, total: int, step: int) -> float:
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_lr_schedule(schedule):
     o = OptimizerConfig(lr=1e-3, warmup_steps=4, schedule=schedule, end_lr_fraction=0.1)
-    fn = train.lr_schedule(o, 20)
+    fn = trainstep.lr_schedule(o, 20)
     for step in range(0, 25):
         assert float(fn(step)) == pytest.approx(_reference_lr(o, 20, step), rel=1e-6)
     assert float(fn(3)) == pytest.approx(1e-3)  # warm-up reaches the peak on its last step
@@ -106,14 +106,14 @@ def test_lr_schedule(schedule):
 
 def test_weight_decay_mask():
     params = {"embed": 0, "final_norm": 0, "lm_head": 0, "blocks": {"attn_norm": 0, "wq": 0, "mlp_norm": 0}}
-    mask = train.decay_mask(OptimizerConfig(), params)
+    mask = trainstep.decay_mask(OptimizerConfig(), params)
     assert mask == {
         "embed": False,
         "final_norm": False,
         "lm_head": True,
         "blocks": {"attn_norm": False, "wq": True, "mlp_norm": False},
     }
-    mask = train.decay_mask(OptimizerConfig(decay_norms=True, decay_embeddings=True), params)
+    mask = trainstep.decay_mask(OptimizerConfig(decay_norms=True, decay_embeddings=True), params)
     assert all(jax.tree.leaves(mask))
 
 
@@ -132,15 +132,15 @@ def test_flops_per_token_counts_every_matmul_weight():
         matmul = sum(sizes.values()) - (0 if cfg.tie_embeddings else sizes["embed"])
         T = 1024
         attn = 2 * 2 * cfg.n_heads * cfg.head_dim * T / 2 * cfg.n_layers * 3  # QK^T + AV, causal half, fwd+bwd
-        assert train.flops_per_token(cfg, T) == pytest.approx(6 * matmul + attn)
+        assert trainstep.flops_per_token(cfg, T) == pytest.approx(6 * matmul + attn)
 
 
 def test_peak_flops_table():
-    assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert train.peak_flops("NVIDIA H200") == 989e12
-    assert train.peak_flops("TPU v5 lite") == 197e12
-    assert train.peak_flops("TPU v5p") == 459e12
-    assert train.peak_flops("cpu") is None
+    assert trainstep.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert trainstep.peak_flops("NVIDIA H200") == 989e12
+    assert trainstep.peak_flops("TPU v5 lite") == 197e12
+    assert trainstep.peak_flops("TPU v5p") == 459e12
+    assert trainstep.peak_flops("cpu") is None
 
 
 def test_mesh_shapes():

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from anllm_jax import data
+from anllm_jax.config import DataConfig
 from anllm_jax.masks import anchor_mask
 from anllm_jax.sentences import split_sentences
 from anllm_jax.tokenizer import Tokenizer
@@ -126,7 +127,7 @@ def test_registry_slice_prepares_and_tokenizes(tmp_path, sp_tok):
     texts = [r["text"].decode() for r in data.open_split(out, "train")]
     assert any(t.startswith("In the beginning God created the heaven and the earth.") for t in texts)
     assert all("[" not in t for t in texts if "God" in t)  # KJV supplied-word brackets removed
-    cfg = data.DataConfig(path=str(tmp_path / "reg"), anchor_mode="ac", seq_len=128, packing=True)
+    cfg = DataConfig(path=str(tmp_path / "reg"), anchor_mode="ac", seq_len=128, packing=True)
     batch = next(data.make_iterator(cfg, sp_tok, 4, 0, 1))
     assert batch["tokens"].shape == (4, 128) and (batch["segment_ids"] > 0).all()
     ac = sp_tok.anchor_ids("ac")[0]
@@ -191,7 +192,7 @@ def test_rows_are_truncated_padded_documents(corpus, sp_tok):
         for r in data.open_split(out, "train")
     }
     for mode, seq_len in [("ac", 256), ("full", 48)]:
-        cfg = data.DataConfig(path=str(out), anchor_mode=mode, seq_len=seq_len, num_epochs=1)
+        cfg = DataConfig(path=str(out), anchor_mode=mode, seq_len=seq_len, num_epochs=1)
         rows = 0
         for batch in data.make_iterator(cfg, sp_tok, 4, 0, 1):
             for tokens, seg in zip(batch["tokens"], batch["segment_ids"], strict=True):
@@ -204,7 +205,7 @@ def test_rows_are_truncated_padded_documents(corpus, sp_tok):
                 assert tokens[:n].tolist() == expected and (seg[:n] == 1).all()
                 assert (seg[n:] == 0).all() and (tokens[n:] == 0).all()  # no pad id: padding holds 0
         assert rows == len(texts)
-    cfg = data.DataConfig(path=str(out), anchor_mode="ep", seq_len=300, add_bos=False, shuffle=False, num_epochs=1)
+    cfg = DataConfig(path=str(out), anchor_mode="ep", seq_len=300, add_bos=False, shuffle=False, num_epochs=1)
     first = next(data.make_iterator(cfg, sp_tok, 2, 0, 1))["tokens"][0]
     text = data.open_split(out, "train")[0]["text"].decode()
     assert first[: len(sp_tok.encode(text))].tolist() == sp_tok.encode(text) and sp_tok.bos_id not in first
@@ -219,7 +220,7 @@ def test_rows_are_truncated_padded_documents(corpus, sp_tok):
 def test_packed_rows_never_attend_across_documents(corpus, bpe_tok):
     out, _ = corpus
     ac = bpe_tok.anchor_ids("ac")
-    cfg = data.DataConfig(path=str(out), anchor_mode="ac", seq_len=96, packing=True, num_epochs=1)
+    cfg = DataConfig(path=str(out), anchor_mode="ac", seq_len=96, packing=True, num_epochs=1)
     batches = list(data.make_iterator(cfg, bpe_tok, 4, 0, 1))
     tokens = np.concatenate([b["tokens"] for b in batches])
     seg = np.concatenate([b["segment_ids"] for b in batches])
@@ -250,7 +251,7 @@ def test_packed_rows_never_attend_across_documents(corpus, bpe_tok):
 @pytest.mark.parametrize("packing", [False, True])
 def test_exact_resume_from_saved_state(corpus, sp_tok, packing):
     out, _ = corpus
-    cfg = data.DataConfig(path=str(out), anchor_mode="ac", seq_len=64, packing=packing, shuffle_seed=7)
+    cfg = DataConfig(path=str(out), anchor_mode="ac", seq_len=64, packing=packing, shuffle_seed=7)
     it = data.make_iterator(cfg, sp_tok, 4, 0, 1)
     head = _take(it, 9)  # past the 27-document epoch for one-document rows
     state = json.loads(json.dumps(it.get_state()))
@@ -271,7 +272,7 @@ def test_epochs_are_reshuffled_with_the_seed(corpus, sp_tok):
     train_ids = _train_doc_ids(corpus)
 
     def order(**kw) -> list[int]:
-        cfg = data.DataConfig(path=str(out), anchor_mode="full", seq_len=16, **kw)
+        cfg = DataConfig(path=str(out), anchor_mode="full", seq_len=16, **kw)
         return [k for b in data.make_iterator(cfg, sp_tok, 3, 0, 1) for k in _doc_ids(sp_tok, b["tokens"].ravel())]
 
     two = order(num_epochs=2, shuffle_seed=1)
@@ -285,9 +286,28 @@ def test_epochs_are_reshuffled_with_the_seed(corpus, sp_tok):
     ]
 
 
-def test_process_shards_are_disjoint_and_cover_the_data(corpus, sp_tok):
+def test_processes_split_by_rows_see_the_single_process_batches(corpus, sp_tok):
+    """split_by="rows": the global batch is the same for any process count; each process holds its block of rows,
+    and a state saved by one process count resumes on another."""
     out, _ = corpus
-    cfg = data.DataConfig(path=str(out), anchor_mode="ac", seq_len=16, num_epochs=1)
+    cfg = DataConfig(path=str(out), anchor_mode="ac", seq_len=16, num_epochs=1, packing=True)
+    one = list(data.make_iterator(cfg, sp_tok, 6, 0, 1))
+    for count in (2, 3):
+        parts = [list(data.make_iterator(cfg, sp_tok, 6, p, count)) for p in range(count)]
+        assert [len(p) for p in parts] == [len(one)] * count
+        for i, batch in enumerate(one):
+            for k in ("tokens", "segment_ids"):
+                np.testing.assert_array_equal(np.concatenate([p[i][k] for p in parts]), batch[k])
+    it = data.make_iterator(cfg, sp_tok, 6, 1, 2)
+    next(it), next(it)
+    resumed = data.make_iterator(cfg, sp_tok, 6, 0, 1)
+    resumed.set_state(it.get_state())
+    np.testing.assert_array_equal(next(resumed)["tokens"], one[2]["tokens"])
+
+
+def test_process_shards_split_by_documents_are_disjoint_and_cover_the_data(corpus, sp_tok):
+    out, _ = corpus
+    cfg = DataConfig(path=str(out), anchor_mode="ac", seq_len=16, num_epochs=1, split_by="documents")
     seen = []
     for p in range(2):
         ids = []
@@ -303,7 +323,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(corpus, sp_tok):
 
 def test_to_global_builds_sharded_arrays(corpus, sp_tok):
     out, _ = corpus
-    batch = next(data.make_iterator(data.DataConfig(path=str(out), seq_len=32), sp_tok, 2, 0, 1))
+    batch = next(data.make_iterator(DataConfig(path=str(out), seq_len=32), sp_tok, 2, 0, 1))
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     arrays = data.to_global(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     for k, v in batch.items():
@@ -323,7 +343,7 @@ def test_missing_corpus_is_a_one_line_error(tmp_path, capsys, sp_tok):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
     with pytest.raises(FileNotFoundError, match="no prepared corpus .* prepare --output"):
-        data.make_iterator(data.DataConfig(path=str(tmp_path / "out")), sp_tok, 2, 0, 1)
+        data.make_iterator(DataConfig(path=str(tmp_path / "out")), sp_tok, 2, 0, 1)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="holds no .txt or .jsonl files"):
         data.prepare([str(tmp_path / "empty_dir")], str(tmp_path / "out"))
@@ -375,13 +395,13 @@ def test_bad_iterator_arguments(corpus, sp_tok):
     out, _ = corpus
     plain = Tokenizer.from_sentencepiece(sp_tok_path())
     with pytest.raises(ValueError, match="needs the <AC> token"):
-        data.make_iterator(data.DataConfig(path=str(out), anchor_mode="ac"), plain, 2, 0, 1)
+        data.make_iterator(DataConfig(path=str(out), anchor_mode="ac"), plain, 2, 0, 1)
     with pytest.raises(ValueError, match="multiple of process_count=2"):
-        data.make_iterator(data.DataConfig(path=str(out)), sp_tok, 3, 0, 2)
+        data.make_iterator(DataConfig(path=str(out)), sp_tok, 3, 0, 2)
     with pytest.raises(ValueError, match="split 'test' is not in"):
-        data.make_iterator(data.DataConfig(path=str(out), split="test"), sp_tok, 2, 0, 1)
+        data.make_iterator(DataConfig(path=str(out), split="test"), sp_tok, 2, 0, 1)
     with pytest.raises(ValueError, match="anchor_mode='acc'"):
-        data.DataConfig(anchor_mode="acc")
+        DataConfig(anchor_mode="acc")
 
 
 def sp_tok_path() -> str:

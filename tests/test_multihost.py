@@ -96,14 +96,14 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
 
     code = f"""
         import json, jax, numpy as np
-        from anllm_jax import config, sharding, train
+        from anllm_jax import config, sharding, train, trainstate
         from anllm_jax.config import MeshConfig
         raw = {cfg!r}
         raw.update(run_name="one", mesh={{}})
         out = train.train(config.train_config_from_dict(raw), devices=jax.devices()[:1])
         ref = jax.device_get(out["state"]["params"])
         mesh = sharding.make_mesh(MeshConfig(ici_data=2, ici_fsdp=1, ici_tensor=2))
-        mcfg, state = train.restore_train_state("{tmp_path}/runs/two", mesh)
+        mcfg, state = trainstate.restore_train_state("{tmp_path}/runs/two", mesh)
         assert int(state["step"]) == 4 and mcfg.anchor_ids == (5,)
         assert state["params"]["embed"].sharding.mesh.shape == mesh.shape
         restored = jax.device_get(state["params"])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from flax import nnx
 
-from anllm_jax import config, sharding, train
+from anllm_jax import config, data, sharding, train, trainstate, trainstep
 from anllm_jax.config import MeshConfig
 from anllm_jax.model import init_model
 
@@ -71,7 +71,7 @@ def test_loss_on_packed_rows_equals_documents_alone():
     tokens[0, 22:] = 7  # padding positions (segment 0) hold arbitrary ids
     tokens[1], seg[1] = docs[2], 1
     logits = jax.jit(lambda t, s: model(t, segment_ids_BT=s))(jnp.asarray(tokens), jnp.asarray(seg))
-    nll, count = train.next_token_nll(logits, jnp.asarray(tokens), jnp.asarray(seg))
+    nll, count = trainstep.next_token_nll(logits, jnp.asarray(tokens), jnp.asarray(seg))
     # Reference: each document alone at the start of its own row, no segment ids. Causal attention means the
     # filler after a document cannot change the logits of its positions.
     alone = np.full((3, T), 9, np.int32)
@@ -93,7 +93,7 @@ def _one_step_setup(micro_batches: int):
     graphdef, state = nnx.split(init_model(mcfg, seed=0))
     params = nnx.to_pure_dict(state)
     tx = optax.sgd(1.0)
-    step = train.make_train_step(
+    step = trainstep.make_train_step(
         graphdef,
         mcfg,
         tx,
@@ -106,7 +106,7 @@ def _one_step_setup(micro_batches: int):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    batch = next(train.SyntheticIterator(256, (ANCHOR,), 32, 8, seed=3))
+    batch = next(data.SyntheticIterator(256, (ANCHOR,), 32, 8, seed=3))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     results = []
     for k in (1, 4):
@@ -297,8 +297,6 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
     perplexities are reported before and after, and the exported model loads with checkpoints.load."""
     import importlib.util
 
-    from anllm_jax import data
-
     docs = tmp_path / "docs"
     docs.mkdir()
     sentences = ["The river rose in the spring.", "Farmers moved the sheep to the hills.", "Dr. Reed measured 2.5 m."]
@@ -342,7 +340,7 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
 
     model, tokenizer = checkpoints.load(str(run / "model"))
     assert model.cfg.anchor_mode == "ac" and model.cfg.anchor_ids == (32000,) and tokenizer.anchor_ids("ac") == (32000,)
-    _, state = train.restore_train_state(run, sharding.make_mesh(MeshConfig(), jax.devices()[:1]))
+    _, state = trainstate.restore_train_state(run, sharding.make_mesh(MeshConfig(), jax.devices()[:1]))
     np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(state["params"]["embed"]))
 
 
