@@ -101,6 +101,18 @@ def capacity_for(model: Llama, slots: int, memory_bytes: int) -> int:
     return min(fit, -(-model.cfg.max_seq_len // _CAPACITY_MULTIPLE) * _CAPACITY_MULTIPLE)
 
 
+def entries_needed(
+    prompt_ids: Sequence[int], max_tokens: int, anchor_ids: tuple[int, ...], policy: str, prefill_chunk: int
+) -> int:
+    """Cache entries a request needs at its peak: room for a prefill chunk, and the entries kept after the prompt
+    plus one per generated token but the last."""
+    ids_T = np.asarray(prompt_ids, np.int32)
+    chunk = min(prefill_chunk, generate.bucket(len(ids_T)))
+    padded_1T = np.pad(ids_T, (0, -len(ids_T) % chunk))[None]
+    prefill = generate.prefill_capacity(padded_1T, np.array([len(ids_T)]), anchor_ids, policy, chunk)
+    return max(prefill, kvcache.kept_after(ids_T, anchor_ids, policy) + max_tokens)
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _insert(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
     """The batch cache with one-row cache `row` (same capacity) written into row `slot`."""
@@ -190,6 +202,7 @@ class Engine:
         self._temperature_B = np.zeros(slots, np.float32)
         self._top_p_B = np.ones(slots, np.float32)
         self._entries_B = np.zeros(slots, np.int64)
+        self._peak_entries = 0
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefill: _Prefill | None = None
         self._wake = threading.Condition()
@@ -198,15 +211,6 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------------------
     # Called from other threads
-
-    def entries_needed(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
-        """Cache entries a request needs at its peak: room for a prefill chunk, and the entries kept after the
-        prompt plus one per generated token but the last."""
-        ids_T = np.asarray(prompt_ids, np.int32)
-        chunk = min(self.prefill_chunk, generate.bucket(len(ids_T)))
-        padded_1T = np.pad(ids_T, (0, -len(ids_T) % chunk))[None]
-        prefill = generate.prefill_capacity(padded_1T, np.array([len(ids_T)]), self.anchor_ids, self.policy, chunk)
-        return max(prefill, kvcache.kept_after(ids_T, self.anchor_ids, self.policy) + max_tokens)
 
     def room(self, prompt_ids: Sequence[int]) -> int:
         """The most tokens a request with this prompt may generate."""
@@ -219,7 +223,7 @@ class Engine:
             raise ValueError("the prompt is empty; send at least one token")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens={request.max_tokens} must be at least 1")
-        need = self.entries_needed(request.prompt_ids, request.max_tokens)
+        need = entries_needed(request.prompt_ids, request.max_tokens, self.anchor_ids, self.policy, self.prefill_chunk)
         if need > self.capacity:
             raise ValueError(
                 f"the prompt ({len(request.prompt_ids)} tokens) with max_tokens={request.max_tokens} needs {need} "
@@ -252,6 +256,7 @@ class Engine:
             "active_slots": int(np.sum(busy_B)),
             "cache_entries": entries,
             "cache_bytes": entries * self.bytes_per_entry,
+            "cache_entries_peak": self._peak_entries,
             "cache_allocated_bytes": (self.slots + 1) * self.capacity * self.bytes_per_entry,
         }
 
@@ -364,6 +369,7 @@ class Engine:
         logits_B1V, self.cache = generate.extend(self.model, self.cache, self._last_tok_B[:, None], n_new_B)
         out = self._sample_rows(logits_B1V[:, 0], self._seed_B, self._step_B, self._temperature_B, self._top_p_B)
         self._entries_B = np.asarray(jax.device_get(self.cache.length), np.int64)
+        self._peak_entries = max(self._peak_entries, int(np.sum(self._entries_B[self._decoding_B])))
         for b in np.nonzero(self._decoding_B)[0]:
             self._accept(int(b), *(x[b] for x in out))
 
