@@ -9,16 +9,17 @@
 # $REPO_DIR/.venv). For multi-slice jobs set mesh.dcn_data (or dcn_fsdp) to the number of slices.
 # output_dir and the data path must be visible to every worker (a GCS bucket mounted with gcsfuse, or NFS).
 set -euo pipefail
-if [[ $# -lt 3 ]]; then
+TPU_NAME=${1:-}; ZONE=${2:-}
+if [[ $# -ge 3 && $3 == "--" ]]; then
+  PROJECT_ARGS=(); shift 3
+elif [[ $# -ge 4 && $4 == "--" ]]; then
+  PROJECT_ARGS=(--project "$3"); shift 4
+else
   echo "usage: $0 TPU_NAME ZONE [PROJECT] -- [train args...]" >&2
   exit 2
 fi
-TPU_NAME=$1; ZONE=$2; shift 2
-PROJECT_ARGS=()
-if [[ "$1" != "--" ]]; then PROJECT_ARGS=(--project "$1"); shift; fi
-[[ "${1:-}" == "--" ]] && shift
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
 VENV=${VENV:-$REPO_DIR/.venv}
-ARGS=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_ARGS[@]}" --worker=all \
-  --command "cd $REPO_DIR && $VENV/bin/python -m anllm_jax.train$ARGS"
+# Each worker's shell parses --command once more: %q quotes every word so that spaces, quotes and $ arrive as given.
+COMMAND="cd $(printf '%q' "$REPO_DIR") &&$(printf ' %q' "$VENV/bin/python" -m anllm_jax.train "$@")"
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_ARGS[@]}" --worker=all --command "$COMMAND"
