@@ -41,7 +41,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from anllm_jax.config import ModelConfig, RopeScaling
+from anllm_jax.config import ANCHOR_MODES, ModelConfig, RopeScaling
 from anllm_jax.model import Llama
 from anllm_jax.tokenizer import AC_TOKEN, Tokenizer
 
@@ -644,36 +644,39 @@ def _grow_rows(w: jax.Array, new_id: int, init: str, dot_id: int, axis: int) -> 
     return w.at[tuple(idx)].set(src)
 
 
-def add_anchor_token(
-    model: Llama, tokenizer: Tokenizer, token: str = AC_TOKEN, init: str = "dot"
-) -> tuple[Llama, Tokenizer]:
-    """Add the `<AC>` anchor token: grows the tokenizer, the embedding and an untied output head by one row.
-
-    The new rows copy the "." rows (`init="dot"`, as the released AnLLM checkpoints) or the mean row
-    (`init="mean"`, as the paper's text). Returns a new model with anchor_mode="ac" and anchor_ids=(new id,).
-    """
+def _add_anchor_token(model: Llama, tokenizer: Tokenizer, init: str) -> Llama:
+    """`<AC>` added to the tokenizer (in place) and as new embedding (and untied output) rows of a new model,
+    copied from the "." rows (`init="dot"`, as the released AnLLM checkpoints) or the mean row (`init="mean"`, as
+    the paper's text)."""
     if init not in ("dot", "mean"):
-        raise ValueError(f"init={init!r} is not one of dot, mean")
+        raise ValueError(f"ac_init={init!r} is not one of dot, mean")
     dot_id = tokenizer.anchor_ids("ep", (".",))[0]
-    new_id = tokenizer.add_token(token)
+    new_id = tokenizer.add_token(AC_TOKEN)
     cfg = model.cfg
     if new_id > cfg.vocab_size:
         raise ValueError(
-            f"the tokenizer gave {token!r} id {new_id}, beyond the model's {cfg.vocab_size} embedding rows; "
+            f"the tokenizer gave {AC_TOKEN!r} id {new_id}, beyond the model's {cfg.vocab_size} embedding rows; "
             "the tokenizer does not belong to this model"
         )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params["embed"] = _grow_rows(params["embed"], new_id, init, dot_id, axis=0)
     if not cfg.tie_embeddings:
         params["lm_head"] = _grow_rows(params["lm_head"], new_id, init, dot_id, axis=1)
-    new_cfg = cfg.replace(vocab_size=max(cfg.vocab_size, new_id + 1), anchor_mode="ac", anchor_ids=(new_id,))
-    return _build(new_cfg, params), tokenizer
+    return _build(cfg.replace(vocab_size=max(cfg.vocab_size, new_id + 1)), params)
 
 
-def set_anchor_mode(model: Llama, tokenizer: Tokenizer, mode: str, ep_strings: Sequence[str] = (".",)) -> Llama:
-    """Set the model's anchor_mode to `mode` ("full", "ep", "ac") with the anchor ids the tokenizer gives for it.
-
-    Changes `model` in place (weights untouched) and returns it.
-    """
-    model.cfg = model.cfg.replace(anchor_mode=mode, anchor_ids=tokenizer.anchor_ids(mode, ep_strings))
-    return model
+def set_anchor_mode(
+    model: Llama, tokenizer: Tokenizer, mode: str, ep_strings: Sequence[str] = (".",), ac_init: str = "dot"
+) -> tuple[Llama, Tokenizer]:
+    """Put a model in an anchor mode, the one place that does: "ep" makes the tokens of `ep_strings` its anchors;
+    "ac" makes `<AC>` its anchor, adding the token first when the tokenizer lacks it (new rows per `ac_init`);
+    "full" trains and runs it with plain causal attention while it keeps the anchor ids it knows (so the AnSAN
+    mask can still be measured on it). Returns (model, tokenizer): a new model when `<AC>` was added, else `model`
+    changed in place."""
+    if mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor mode {mode!r} is not one of {', '.join(ANCHOR_MODES)}")
+    if mode == "ac" and not tokenizer.has_token(AC_TOKEN):
+        model = _add_anchor_token(model, tokenizer, ac_init)
+    ids = model.cfg.anchor_ids if mode == "full" else tokenizer.anchor_ids(mode, tuple(ep_strings))
+    model.cfg = model.cfg.replace(anchor_mode=mode, anchor_ids=ids)
+    return model, tokenizer

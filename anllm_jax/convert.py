@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.anchor_mode is not None:
         if tokenizer is None:
             sys.exit(f"--anchor-mode needs a tokenizer, and {args.input} has none (no tokenizer.json/tokenizer.model)")
-        if args.anchor_mode == "ac":
-            model, tokenizer = checkpoints.add_anchor_token(model, tokenizer, init=args.ac_init)
-        else:
-            model = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode, tuple(args.ep_strings))
+        model, tokenizer = checkpoints.set_anchor_mode(
+            model, tokenizer, args.anchor_mode, tuple(args.ep_strings), args.ac_init
+        )
         print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}")
     if args.to == "native":
         checkpoints.save(model, tokenizer, args.output)

@@ -34,7 +34,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grain
 import jax
@@ -42,23 +42,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from anllm_jax import records
+from anllm_jax.anchors import TextTokenizer, ac_id, encode_document, encode_prefix
 from anllm_jax.config import DataConfig
 from anllm_jax.corpus import REGISTRY, AnllmCorpus, iter_documents
-from anllm_jax.sentences import is_closed, sentence_spans
 
 DATASET_NAME = "anllm_corpus"
 PREPARE_RECORD = "prepare.json"
-
-
-class TextTokenizer(Protocol):
-    """The part of `anllm_jax.tokenizer.Tokenizer` the data pipeline uses."""
-
-    bos_id: int | None
-    pad_id: int | None
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
-
-    def anchor_ids(self, mode: str, ep_strings: tuple[str, ...] = (".",)) -> tuple[int, ...]: ...
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,77 +151,6 @@ def open_split(path: str | Path, split: str) -> Any:
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} is not in {path}; it has {', '.join(builder.info.splits)}")
     return builder.as_data_source(split=split)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenization
-
-
-def _ac_id(tokenizer: TextTokenizer) -> int:
-    ids = tokenizer.anchor_ids("ac")
-    if len(ids) != 1:
-        raise ValueError(
-            "anchor_mode='ac' needs a tokenizer with exactly one <AC> token; add it with checkpoints.add_anchor_token"
-        )
-    return int(ids[0])
-
-
-def _encode_continuation(tokenizer: TextTokenizer, chunk: str, prefix_ids: list[int]) -> list[int]:
-    """Token ids of `chunk` as they come out when it follows a sentence end.
-
-    Encoding the chunk after a "." and dropping the "." ids keeps the tokenizer's in-context treatment of the
-    leading whitespace (sentencepiece would otherwise add its dummy-prefix space).
-    """
-    ids = tokenizer.encode("." + chunk)
-    if ids[: len(prefix_ids)] == prefix_ids:
-        return ids[len(prefix_ids) :]
-    return tokenizer.encode(chunk)
-
-
-def encode_document(text: str, tokenizer: TextTokenizer, anchor_mode: str, add_bos: bool = True) -> list[int]:
-    """Token ids of one document: BOS (if the tokenizer has one), then the text; in "ac" mode the `<AC>` id after
-    the last token of every sentence (the whitespace between sentences goes with the next sentence)."""
-    ids = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    if anchor_mode != "ac":
-        return ids + tokenizer.encode(text.strip())
-    ac = _ac_id(tokenizer)
-    prefix_ids = tokenizer.encode(".")
-    prev_end = None
-    for start, end in sentence_spans(text):
-        if prev_end is None:
-            ids += tokenizer.encode(text[start:end])
-        else:
-            ids += _encode_continuation(tokenizer, text[prev_end:end], prefix_ids)
-        ids.append(ac)
-        prev_end = end
-    return ids
-
-
-def encode_prompt(text: str, tokenizer: TextTokenizer, anchor_mode: str, add_bos: bool = False) -> list[int]:
-    """Prompt ids laid out as in training: in "ac" mode `<AC>` after every finished sentence. A last sentence
-    without closing punctuation stays open (no `<AC>`), so generation continues it."""
-    ids = encode_document(text, tokenizer, anchor_mode, add_bos)
-    if anchor_mode == "ac" and ids[-1:] == [_ac_id(tokenizer)] and not is_closed(text):
-        ids.pop()
-    return ids
-
-
-def encode_prefix(
-    text: str, tokenizer: TextTokenizer, anchor_mode: str, max_len: int, add_bos: bool = True
-) -> list[int]:
-    """`encode_document(...)[:max_len]` without tokenizing all of a long document.
-
-    Encodes a whitespace-cut prefix of ~8 characters per wanted token; the cut only changes the last word and
-    adds a final `<AC>`, so when the prefix yields a margin of tokens beyond `max_len` the first `max_len` are
-    exact. Otherwise the whole document is encoded.
-    """
-    budget = 8 * max_len
-    if len(text) > budget:
-        cut = text.rfind(" ", 0, budget)
-        ids = encode_document(text[: cut if cut > 0 else budget], tokenizer, anchor_mode, add_bos)
-        if len(ids) >= max_len + 16:
-            return ids[:max_len]
-    return encode_document(text, tokenizer, anchor_mode, add_bos)[:max_len]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +259,7 @@ def make_iterator(
         )
     local_batch = global_batch_size // process_count
     if cfg.anchor_mode == "ac":
-        _ac_id(tokenizer)  # fail now rather than inside a reader thread
+        ac_id(tokenizer)  # fail now rather than inside a reader thread
     pad = _pad_value(tokenizer)
     by_rows = cfg.split_by == "rows"
     readers, reader = (1, 0) if by_rows else (process_count, process_index)

@@ -34,8 +34,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from anllm_jax import generate, kvcache, records, tasks
-from anllm_jax.model import Llama
+from anllm_jax import anchors, generate, kvcache, records, tasks
+from anllm_jax.model import Llama, mask_anchor_ids
 
 MODES = ("full", "ansan", "anchor-cache", "no-cache")
 _COMPILE_EVENTS = frozenset(
@@ -80,19 +80,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx) :]
 
 
-def _split_sentences(text: str) -> list[str]:
-    """`text` cut after each sentence (leading whitespace stays with the sentence that follows)."""
-    from anllm_jax import sentences
-
-    pieces, start = [], 0
-    for _, end in sentences.sentence_spans(text):
-        pieces.append(text[start:end])
-        start = end
-    if text[start:]:
-        pieces.append(text[start:])
-    return pieces
-
-
 def encode_demonstrations(
     tokenizer, demos: Sequence[tasks.Doc], ac_id: int | None = None, ac_sentences: bool = False
 ) -> list[int]:
@@ -100,16 +87,13 @@ def encode_demonstrations(
 
     Without `ac_id`: the block up to its last non-space character, encoded as one string, so that it is a token
     prefix of every whole prompt (tokenizers split before whitespace). With `ac_id`: each demonstration is encoded
-    on its own and followed by `ac_id` (with `ac_sentences`, each of its sentences is).
+    and followed by `ac_id` (with `ac_sentences`, each of its sentences is), as training documents get `<AC>`.
     """
     if ac_id is None:
         return tokenizer.encode(tasks.demonstrations_text(demos).rstrip()) if demos else []
-    ids: list[int] = []
-    for i, demo in enumerate(demos):
-        text = (tasks.FEWSHOT_DELIMITER if i else "") + demo.demonstration()
-        for piece in _split_sentences(text) if ac_sentences else [text]:
-            ids += tokenizer.encode(piece) + [ac_id]
-    return ids
+    texts = [(tasks.FEWSHOT_DELIMITER if i else "") + demo.demonstration() for i, demo in enumerate(demos)]
+    pieces = [p for t in texts for p in anchors.sentence_pieces(t)] if ac_sentences else texts
+    return anchors.anchored(pieces, tokenizer, ac_id)
 
 
 def encode_task(
@@ -162,12 +146,12 @@ def _bucket(n: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def _masked_loglik_jit(
-    graphdef, state, tokens_BT, segment_ids_BT, at_BK, targets_BK, weights_BK, anchor_mode: str
+    graphdef, state, tokens_BT, segment_ids_BT, at_BK, targets_BK, weights_BK, mask: str
 ) -> jax.Array:
-    """Sum over k of weights[b, k] * log p(targets[b, k] | tokens[b, :at[b, k]+1]) under the mask of
-    `anchor_mode`; the output head runs only at the positions `at_BK`."""
+    """Sum over k of weights[b, k] * log p(targets[b, k] | tokens[b, :at[b, k]+1]) under the attention mask
+    `mask`; the output head runs only at the positions `at_BK`."""
     model = nnx.merge(graphdef, state)
-    logits_BKV = model(tokens_BT, segment_ids_BT=segment_ids_BT, anchor_mode=anchor_mode, logits_at_BK=at_BK)
+    logits_BKV = model(tokens_BT, segment_ids_BT=segment_ids_BT, mask=mask, logits_at_BK=at_BK)
     logp_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BKV, axis=-1), targets_BK[..., None], axis=-1)[..., 0]
     return jnp.sum(logp_BK * weights_BK, axis=1)
 
@@ -179,15 +163,15 @@ def _doc_order(enc: EncodedTask) -> list[int]:
 
 
 def score_masked(
-    model: Llama, enc: EncodedTask, anchor_mode: str, token_budget: int = 512, progress: bool = True
+    model: Llama, enc: EncodedTask, mask: str, token_budget: int = 512, progress: bool = True
 ) -> list[np.ndarray]:
-    """Per-document float64 log-likelihoods of each option: one masked forward per row, all options of a
-    document in one batch, documents batched up to `token_budget` padded tokens."""
+    """Per-document float64 log-likelihoods of each option: one forward per row under the attention mask `mask`,
+    all options of a document in one batch, documents batched up to `token_budget` padded tokens."""
     graphdef, state = nnx.split(model)
     out: list[np.ndarray | None] = [None] * len(enc.docs)
     order = _doc_order(enc)
     n_opt = max(len(o) for o in enc.options)
-    bar = tqdm(total=len(order), desc=f"{enc.name} {anchor_mode}", disable=not progress, leave=False)
+    bar = tqdm(total=len(order), desc=f"{enc.name} {mask}", disable=not progress, leave=False)
     i = 0
     while i < len(order):
         T = _bucket(max(len(enc.row(order[i], o)) for o in range(len(enc.options[order[i]]))))
@@ -214,7 +198,7 @@ def score_masked(
             targets[r, :n_cont] = row[len(row) - n_cont :]
             weights[r, :n_cont] = 1.0
         sums = np.asarray(
-            jax.device_get(_masked_loglik_jit(graphdef, state, tokens, segments, at, targets, weights, anchor_mode))
+            jax.device_get(_masked_loglik_jit(graphdef, state, tokens, segments, at, targets, weights, mask))
         )
         for r, (d, o) in enumerate(rows):
             if out[d] is None:
@@ -247,8 +231,7 @@ def score_cached(
     cache. Zero-shot, each document's shared context is prefilled and its options scored against it (a
     document whose options share no token is scored by the masked forward, which is the same function).
     """
-    anchor_mode = "full" if policy == "full" else None  # None: the model's own anchors
-    mask = anchor_mode or "ansan"
+    mask = "full" if policy == "full" else "model"
     out: list[np.ndarray | None] = [None] * len(enc.docs)
     order = _doc_order(enc)
     stats = {"prefix_tokens": len(enc.prefix), "prefix_entries_kept": 0, "prefills": 0}
@@ -264,7 +247,7 @@ def score_cached(
             out[d] = lls
 
     if enc.prefix:
-        cache, last_logits = generate.prefill(model, [enc.prefix], policy=policy, anchor_mode=anchor_mode)
+        cache, last_logits = generate.prefill(model, [enc.prefix], policy=policy, mask=mask)
         stats["prefix_entries_kept"] = int(jax.device_get(cache.length)[0])
         stats["prefills"] = 1
         n_opt = max(len(o) for o in enc.options)
@@ -283,7 +266,7 @@ def score_cached(
                 single = EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
                 out[d] = score_masked(model, single, mask, progress=False)[0]
             else:
-                cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy=policy, anchor_mode=anchor_mode)
+                cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy=policy, mask=mask)
                 stats["prefix_entries_kept"] += int(jax.device_get(cache.length)[0])
                 stats["prefix_tokens"] += shared
                 stats["prefills"] += 1
@@ -329,13 +312,9 @@ def _clock() -> _CompileClock:
 # Runner
 
 
-def anchor_token_id(model: Llama, tokenizer) -> int | None:
-    """The <AC> id for ac models (placed after demonstrations), else None."""
-    if model.cfg.anchor_mode != "ac":
-        return None
-    from anllm_jax.checkpoints import AC_TOKEN
-
-    return int(tokenizer.token_to_id(AC_TOKEN))
+def anchor_token_id(model: Llama) -> int | None:
+    """The <AC> id (an ac model's one anchor id) placed after demonstrations, or None for other models."""
+    return mask_anchor_ids(model.cfg)[0] if model.cfg.anchor_mode == "ac" else None
 
 
 def kv_counts(enc: EncodedTask, anchor_ids: tuple[int, ...]) -> tuple[int, int]:
@@ -367,8 +346,8 @@ def evaluate_task(
     demos, docs = tasks.fewshot(task, shots, seed)
     if limit is not None:
         docs = docs[:limit]
-    enc = encode_task(tokenizer, name, demos, docs, anchor_token_id(model, tokenizer), ac_sentences)
-    anchor_ids = generate.anchor_ids_of(model) if model.cfg.anchor_mode != "full" else ()
+    enc = encode_task(tokenizer, name, demos, docs, anchor_token_id(model), ac_sentences)
+    anchor_ids = mask_anchor_ids(model.cfg)
     clock = _clock()
     result: dict = {"n": len(docs), "modes": {}}
     lls_out: dict[str, list[list[float]]] = {}
@@ -391,7 +370,7 @@ def evaluate_task(
         elif mode == "full":
             lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "full", token_budget, progress))
         elif mode in ("ansan", "no-cache"):
-            lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "ansan", token_budget, progress))
+            lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "model", token_budget, progress))
         elif mode == "anchor-cache":
             (lls, cache_stats), seconds, compile_s = clock.measure(
                 lambda: score_cached(model, enc, "anchor", batch_size, progress)
@@ -650,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.anchors and args.anchors != model.cfg.anchor_mode or needs_anchors and model.cfg.anchor_mode == "full":
             from anllm_jax import checkpoints
 
-            model = checkpoints.set_anchor_mode(model, tokenizer, args.anchors or "ep")
+            model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchors or "ep")
             print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}", file=sys.stderr)
         if args.ac_sentences and model.cfg.anchor_mode != "ac":
             raise ValueError("--ac-sentences needs an ac model (with the <AC> token); drop it or pass an ac checkpoint")

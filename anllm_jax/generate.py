@@ -31,7 +31,7 @@ from flax import nnx
 
 from anllm_jax import kvcache, masks
 from anllm_jax.kvcache import KVCache
-from anllm_jax.model import Llama, write_rows
+from anllm_jax.model import Llama, mask_anchor_ids, write_rows
 
 _MIN_BUCKET = 16
 _CAPACITY_MULTIPLE = 64
@@ -99,11 +99,6 @@ class Generation:
 def bucket(n: int) -> int:
     """Padded length for n tokens: the next power of two, at least 16 (bounds the number of compilations)."""
     return max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
-
-
-def anchor_ids_of(model: Llama, anchor_mode: str | None = None) -> tuple[int, ...]:
-    """Anchor ids under `anchor_mode` (default: the model's own), as a static tuple; empty for "full"."""
-    return tuple(int(i) for i in np.asarray(model.anchor_ids(anchor_mode)))
 
 
 def _as_batch(
@@ -324,7 +319,7 @@ def prefill(
     *,
     chunk_size: int | None = None,
     padding_side: str = "right",
-    anchor_mode: str | None = None,
+    mask: str = "model",
     reserve: int = 0,
 ) -> tuple[KVCache, jax.Array]:
     """Run prompts through a fresh cache. Returns (cache, float32 [B, V] logits of each row's last token).
@@ -333,8 +328,9 @@ def prefill(
     padded to a power-of-two bucket, or cut into chunks of `chunk_size` tokens (exact: each chunk attends to
     the cache left by the previous ones). capacity: slots per row (default: what the prompts need plus
     `reserve`, rounded up to a multiple of 64); too small a capacity is an error, never a silent overwrite.
+    mask: the attention mask of the model's forward ("model", "full" or "anchor", see `model.mask_anchor_ids`).
     """
-    anchor_ids = anchor_ids_of(model, anchor_mode)
+    anchor_ids = mask_anchor_ids(model.cfg, mask)
     kvcache.check_policy(policy, anchor_ids)
     if policy == "none":
         raise ValueError("cache policy 'none' keeps no cache to prefill; use generate(..., policy='none')")
@@ -446,7 +442,7 @@ def generate(
     capacity: int | None = None,
     chunk_size: int | None = None,
     padding_side: str = "right",
-    anchor_mode: str | None = None,
+    mask: str = "model",
     on_overflow: str = "error",
 ) -> Generation:
     """Generate for a batch of prompts with the "anchor", "full" or "none" (recompute) cache policy.
@@ -466,7 +462,7 @@ def generate(
         if len(ids) == 1:
             stop_ids.append(ids[0])
     settings = sampling(max_new_tokens, temperature, top_k, top_p, stop_ids)
-    anchor_ids = anchor_ids_of(model, anchor_mode)
+    anchor_ids = mask_anchor_ids(model.cfg, mask)
     kvcache.check_policy(policy, anchor_ids)
     tokens_BT, lengths_B = _as_batch(prompts, lengths, padding_side)  # right-padded from here on
     longest = int(lengths_B.max())
@@ -494,7 +490,7 @@ def generate(
             policy,
             capacity,
             chunk_size=chunk_size,
-            anchor_mode=anchor_mode,
+            mask=mask,
             reserve=max_new_tokens + 1 if capacity is None else 0,
         )
         if policy == "anchor" and capacity is None:
@@ -607,22 +603,22 @@ def _cli(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"{args.prompt_file} holds no prompts")
 
-    from anllm_jax import checkpoints, data
+    from anllm_jax import anchors, checkpoints
 
     model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
     if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
-        checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
-    anchor_mode = args.anchor_mode or model.cfg.anchor_mode
+        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
+    anchor_mode = model.cfg.anchor_mode
     policy = args.cache or ("anchor" if anchor_mode != "full" else "full")
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
-    anchor_ids = list(anchor_ids_of(model, anchor_mode))
+    anchor_ids = list(mask_anchor_ids(model.cfg))
     kept = full = 0
     for lo in range(0, len(records), args.batch_size):
         batch = records[lo : lo + args.batch_size]
-        prompts = [data.encode_prompt(r["prompt"], tokenizer, anchor_mode, add_bos=args.add_bos) for r in batch]
+        prompts = [anchors.encode_prompt(r["prompt"], tokenizer, anchor_mode, add_bos=args.add_bos) for r in batch]
         gen = generate(
             model,
             prompts,
@@ -636,7 +632,6 @@ def _cli(args: argparse.Namespace) -> int:
             stop_strings=args.stop,
             tokenizer=tokenizer,
             chunk_size=args.chunk_size,
-            anchor_mode=anchor_mode,
         )
         lengths = np.zeros(len(batch), int) if gen.cache is None else np.asarray(jax.device_get(gen.cache.length))
         for b, (record, prompt) in enumerate(zip(batch, prompts, strict=True)):

@@ -74,41 +74,23 @@ class Llama(nnx.Module):
                 _init("normal", rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.param_dtype), ("embed", "vocab")
             )
 
-    def anchor_ids(self, anchor_mode: str | None = None) -> jax.Array:
-        """The anchor token ids for `anchor_mode` (default: the model's own); empty for "full"."""
-        mode = anchor_mode or self.cfg.anchor_mode
-        if mode == "full":
-            return jnp.zeros((0,), jnp.int32)
-        if self.cfg.attention == "cudnn_causal":
-            raise ValueError(
-                f"anchor_mode={mode!r} needs the AnSAN mask, but attention=cudnn_causal is plain causal; "
-                "switch the model to attention=cudnn, xla, anchor or anchor_pallas"
-            )
-        if mode not in ("ep", "ac", "ansan"):
-            raise ValueError(f"anchor_mode={mode!r} is not one of full, ep, ac, ansan")
-        if not self.cfg.anchor_ids:
-            raise ValueError(
-                f"anchor_mode={mode!r} needs anchor ids, but the model config has none; set anchor_ids "
-                "(e.g. from Tokenizer.anchor_ids) or add <AC> with checkpoints.add_anchor_token"
-            )
-        return jnp.asarray(self.cfg.anchor_ids, jnp.int32)
-
     def __call__(
         self,
         tokens_BT: jax.Array,
         *,
         segment_ids_BT: jax.Array | None = None,
         positions_BT: jax.Array | None = None,
-        anchor_mode: str | None = None,
+        mask: str = "model",
         logits_at_BK: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits float32[B, T, vocab] under the AnSAN mask of `anchor_mode` (default: the model's); only at
-        positions `logits_at_BK` ([B, K], giving [B, K, vocab]) when those are given.
+        """Logits float32[B, T, vocab] under the attention mask `mask` (see `mask_anchor_ids`); only at positions
+        `logits_at_BK` ([B, K], giving [B, K, vocab]) when those are given.
 
         `segment_ids_BT` are packed-document ids (0 marks padding); positions restart in each document
         unless `positions_BT` is given.
         """
-        info = masks.token_info(tokens_BT, self.anchor_ids(anchor_mode), self.cfg.pad_id, segment_ids_BT)
+        anchor_ids = jnp.asarray(mask_anchor_ids(self.cfg, mask), jnp.int32)
+        info = masks.token_info(tokens_BT, anchor_ids, self.cfg.pad_id, segment_ids_BT)
         if positions_BT is None:
             positions_BT = positions_from_segments(segment_ids_BT, tokens_BT.shape)
         logits, _ = self.forward(tokens_BT, positions_BT, info, logits_at_BK=logits_at_BK)
@@ -182,6 +164,31 @@ def matmul(x: jax.Array, w: jax.Array, k: int = 1, preferred_element_type: jnp.d
         x.reshape(math.prod(lead), -1), w.reshape(-1, math.prod(out)), preferred_element_type=preferred_element_type
     )
     return y.reshape(*lead, *out)
+
+
+MASKS = ("model", "full", "anchor")
+
+
+def mask_anchor_ids(cfg: ModelConfig, mask: str = "model") -> tuple[int, ...]:
+    """The anchor ids that decide attention under `mask`, the one place they are derived from a model config:
+    "full" none (plain causal); "anchor" the model's anchor ids (the AnSAN mask, also for a full-attention model
+    that knows anchor ids, e.g. to measure what it would lose under the mask); "model" the mask the model was set
+    up with (none when its anchor_mode is "full", else its anchor ids)."""
+    if mask not in MASKS:
+        raise ValueError(f"mask={mask!r} is not one of {', '.join(MASKS)}")
+    if mask == "full" or (mask == "model" and cfg.anchor_mode == "full"):
+        return ()
+    if cfg.attention == "cudnn_causal":
+        raise ValueError(
+            "the AnSAN mask needs an attention path that reads it, but attention=cudnn_causal is plain causal; "
+            "switch the model to attention=cudnn, xla, anchor or anchor_pallas"
+        )
+    if not cfg.anchor_ids:
+        raise ValueError(
+            "the AnSAN mask needs anchor ids, but the model config has none; put the model in an anchor mode with "
+            "checkpoints.set_anchor_mode(model, tokenizer, 'ep' or 'ac')"
+        )
+    return cfg.anchor_ids
 
 
 def write_rows(buf: jax.Array, new_BT: jax.Array, start_B: jax.Array, layer: jax.Array | None = None) -> jax.Array:

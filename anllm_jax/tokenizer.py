@@ -219,6 +219,13 @@ class Tokenizer:
             raise ValueError(f"{token!r} is not in the vocabulary")
         return int(i)
 
+    def has_token(self, token: str) -> bool:
+        try:
+            self.token_to_id(token)
+        except ValueError:
+            return False
+        return True
+
     def id_to_token(self, i: int) -> str:
         if not 0 <= i < self.vocab_size:
             raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
@@ -256,7 +263,7 @@ class Tokenizer:
             except ValueError:
                 raise ValueError(
                     f"anchor mode 'ac' needs the {AC_TOKEN} token, which this tokenizer lacks; "
-                    "add it with checkpoints.add_anchor_token"
+                    "add it with checkpoints.set_anchor_mode(model, tokenizer, 'ac')"
                 ) from None
         raise ValueError(f"anchor mode {mode!r} is not one of full, ep, ac")
 

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from anllm_jax import checkpoints, data, sharding, trainlog, trainstate, trainstep
 from anllm_jax.config import ModelConfig, TrainConfig, load_train_config, preset
 from anllm_jax.model import Llama
-from anllm_jax.tokenizer import Tokenizer
+from anllm_jax.tokenizer import AC_TOKEN, Tokenizer
 
 log = logging.getLogger("anllm_jax.train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -73,11 +73,8 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, A
     params = tokenizer = None
     if cfg.load_parameters_path:
         model, tokenizer = checkpoints.load(resolve_path(cfg.load_parameters_path))
-        if mode == "ac" and model.cfg.anchor_mode != "ac":
-            model, tokenizer = checkpoints.add_anchor_token(model, tokenizer, init=m.anchor_init)
-        elif mode == "ep" and model.cfg.anchor_mode != "ep":
-            model = checkpoints.set_anchor_mode(model, tokenizer, "ep", ep_strings=m.ep_strings)
-        mcfg = model.cfg.replace(anchor_mode=mode, **m.overrides)
+        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, mode, m.ep_strings, m.anchor_init)
+        mcfg = model.cfg.replace(**m.overrides)
         params = jax.device_get(nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
         want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(trainstate.abstract_params(mcfg)))
         if jax.tree.map(lambda x: x.shape, params) != want:
@@ -90,7 +87,7 @@ def build_model(cfg: TrainConfig) -> tuple[ModelConfig, dict[str, Any] | None, A
         if m.tokenizer_path:
             tokenizer = load_tokenizer(m.tokenizer_path)
             if mode == "ac":
-                tokenizer.add_token("<AC>")
+                tokenizer.add_token(AC_TOKEN)
             if mode != "full":
                 mcfg = mcfg.replace(anchor_ids=tuple(tokenizer.anchor_ids(mode, ep_strings=m.ep_strings)))
             if tokenizer.vocab_size > mcfg.vocab_size:

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from anllm_jax import masks, sharding
 from anllm_jax.config import ModelConfig, OptimizerConfig
+from anllm_jax.model import mask_anchor_ids
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched as substrings of `device.device_kind`, longest first.
 PEAK_FLOPS = {
@@ -140,7 +141,7 @@ def make_train_step(
 ) -> Callable[[dict[str, Any], dict[str, jax.Array]], tuple[dict[str, Any], dict[str, jax.Array]]]:
     """step(state, batch) -> (new state, metrics). state = {step, params, opt_state}; batch = {tokens, segment_ids}
     int32[G, T]. With k micro-batches, micro-batch i holds rows i, i+k, ... so each stays spread over the devices."""
-    anchor_ids = jnp.asarray(mcfg.anchor_ids, jnp.int32) if mcfg.anchor_mode != "full" else jnp.zeros((0,), jnp.int32)
+    anchor_ids = jnp.asarray(mask_anchor_ids(mcfg), jnp.int32)
 
     def loss_sums(params: Any, tokens_BT: jax.Array, seg_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         model = nnx.merge(graphdef, params)
@@ -190,13 +191,13 @@ def make_eval_step(graphdef: nnx.GraphDef, mcfg: ModelConfig) -> Callable[..., d
     """Summed next-token NLL and target count under the full mask and under the AnSAN mask of the model's anchor
     ids. A full-attention model that knows anchor ids (a control run started from an EP checkpoint) is measured
     under their mask too, so its curve shows what training without the mask does to AnSAN perplexity."""
-    ansan = "ansan" if mcfg.anchor_ids and mcfg.attention != "cudnn_causal" else None
+    ansan = "anchor" if mcfg.anchor_ids and mcfg.attention != "cudnn_causal" else "model"
 
     def step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         model = nnx.merge(graphdef, params)
         out = {}
-        for name, mode in (("full", "full"), ("ansan", ansan)):
-            logits = model(batch["tokens"], segment_ids_BT=batch["segment_ids"], anchor_mode=mode)
+        for name, mask in (("full", "full"), ("ansan", ansan)):
+            logits = model(batch["tokens"], segment_ids_BT=batch["segment_ids"], mask=mask)
             out[f"{name}_nll"], out[f"{name}_count"] = next_token_nll(
                 logits, batch["tokens"], batch["segment_ids"], mcfg.pad_id
             )

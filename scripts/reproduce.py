@@ -166,9 +166,9 @@ def convert(out: Path) -> dict[str, str]:
         return {mode: str(p) for mode, p in paths.items()}
     model, tokenizer = checkpoints.load("smollm2")
     checkpoints.save(model, tokenizer, str(paths["full"]))
-    checkpoints.set_anchor_mode(model, tokenizer, "ep")
+    model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, "ep")
     checkpoints.save(model, tokenizer, str(paths["ep"]))
-    model, tokenizer = checkpoints.add_anchor_token(model, tokenizer, init="dot")
+    model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, "ac", ac_init="dot")
     checkpoints.save(model, tokenizer, str(paths["ac"]))
     log.info("anchor ids: ep %s, ac %s", tokenizer.anchor_ids("ep"), list(model.cfg.anchor_ids))
     return {mode: str(p) for mode, p in paths.items()}
@@ -316,7 +316,7 @@ def _load_for_eval(checkpoint: str, dtype: str):
 
     model, tokenizer = checkpoints.load(checkpoint, dtype=dtype)
     if model.cfg.anchor_mode == "full":
-        checkpoints.set_anchor_mode(model, tokenizer, "ep")
+        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, "ep")
     # Weights restored from a checkpoint saved from host arrays come back uncommitted, which jit keys apart from
     # committed ones: placing every model the same way lets models of one shape share compiled functions.
     nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))

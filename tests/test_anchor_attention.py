@@ -323,7 +323,7 @@ def test_model_logits_and_gradients_match_dense():
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(params):
-            logits = nnx.merge(graphdef, params)(toks, segment_ids_BT=segs, anchor_mode="ac")
+            logits = nnx.merge(graphdef, params)(toks, segment_ids_BT=segs)
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.cos(logits[..., 1])), logits
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -59,7 +59,7 @@ def test_causal_backend_needs_full_anchor_mode_and_unpacked_rows(tmp_path):
         preset("tiny", attention="cudnn_causal", anchor_mode="ep", anchor_ids=(5,))
     model = init_model(preset("tiny", attention="cudnn_causal", anchor_ids=(5,)))
     with pytest.raises(ValueError, match="attention=cudnn_causal is plain causal"):
-        model(jnp.ones((1, 8), jnp.int32), anchor_mode="ansan")
+        model(jnp.ones((1, 8), jnp.int32), mask="anchor")
     raw = {
         "run_name": "x",
         "output_dir": str(tmp_path),

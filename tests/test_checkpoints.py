@@ -74,13 +74,13 @@ def _torch_logits(model: LlamaForCausalLM, ids: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(ids)).logits.float().numpy()
 
 
-@functools.partial(nnx.jit, static_argnames="anchor_mode")
-def _forward(model, tokens_BT, anchor_mode=None):
-    return model(tokens_BT, anchor_mode=anchor_mode)
+@functools.partial(nnx.jit, static_argnames="mask")
+def _forward(model, tokens_BT, mask="model"):
+    return model(tokens_BT, mask=mask)
 
 
-def _logits(model, ids: np.ndarray, anchor_mode: str | None = None) -> np.ndarray:
-    return np.asarray(_forward(model, jnp.asarray(ids), anchor_mode=anchor_mode))
+def _logits(model, ids: np.ndarray, mask: str = "model") -> np.ndarray:
+    return np.asarray(_forward(model, jnp.asarray(ids), mask=mask))
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -242,7 +242,7 @@ def _params(model) -> dict:
 
 def test_native_round_trip_is_exact(sp_model, tmp_path):
     model, tok = sp_model
-    model = checkpoints.set_anchor_mode(init_model(model.cfg, seed=3), tok, "ep")
+    model, _ = checkpoints.set_anchor_mode(init_model(model.cfg, seed=3), tok, "ep")
     path = str(tmp_path / "ckpt")
     checkpoints.save(model, tok, path)
     loaded, tok2 = checkpoints.load(path)
@@ -278,19 +278,19 @@ def test_native_save_is_atomic(sp_model, tmp_path, monkeypatch):
 
 def test_ep_anchors_without_anchor_tokens_equal_causal(sp_model):
     model, tok = sp_model
-    ep = checkpoints.set_anchor_mode(init_model(model.cfg, seed=3), tok, "ep", (".",))
+    ep, _ = checkpoints.set_anchor_mode(init_model(model.cfg, seed=3), tok, "ep", (".",))
     assert ep.cfg.anchor_ids == (tok.token_to_id("."),)
     no_dot = np.array([tok.encode("The cat sat on the mat and looked at the bird, then slept")])
     assert tok.token_to_id(".") not in no_dot
-    np.testing.assert_array_equal(_logits(ep, no_dot), _logits(ep, no_dot, anchor_mode="full"))
+    np.testing.assert_array_equal(_logits(ep, no_dot), _logits(ep, no_dot, mask="full"))
     # With anchors present the mask changes the result (the comparison above is not vacuous).
     dots = np.array([tok.encode("The cat sat. It looked at the bird. Then it slept")])
-    assert np.abs(_logits(ep, dots) - _logits(ep, dots, anchor_mode="full")).max() > 1e-4
+    assert np.abs(_logits(ep, dots) - _logits(ep, dots, mask="full")).max() > 1e-4
 
 
 @pytest.mark.parametrize("init", ["dot", "mean"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_add_anchor_token(sp_path, init, tied):
+def test_ac_mode_adds_the_anchor_token(sp_path, init, tied):
     tok = Tokenizer.from_sentencepiece(sp_path)
     model = init_model(preset("tiny", vocab_size=tok.vocab_size, tie_embeddings=tied), seed=4)
     text = np.array([tok.encode("Anchors are added. Text without them keeps its logits")])
@@ -298,7 +298,7 @@ def test_add_anchor_token(sp_path, init, tied):
     old = _params(model)
     V = model.cfg.vocab_size
     dot = tok.token_to_id(".")
-    model2, tok2 = checkpoints.add_anchor_token(model, tok, init=init)
+    model2, tok2 = checkpoints.set_anchor_mode(model, tok, "ac", ac_init=init)
     ac = tok2.token_to_id("<AC>")
     assert ac == V and tok2.vocab_size == V + 1 and model2.cfg.vocab_size == V + 1
     assert model2.cfg.anchor_mode == "ac" and model2.cfg.anchor_ids == (ac,)
@@ -311,10 +311,18 @@ def test_add_anchor_token(sp_path, init, tied):
         want = old["lm_head"][:, dot] if init == "dot" else old["lm_head"].astype(np.float64).mean(1)
         np.testing.assert_allclose(new["lm_head"][:, ac], want, rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(new["lm_head"][:, :V], old["lm_head"])
-    after = _logits(model2, text, anchor_mode="full")
+    after = _logits(model2, text, mask="full")
     assert after.shape[-1] == V + 1
     # Same function on the old vocabulary; only float rounding of the longer output matmul may differ.
     np.testing.assert_allclose(after[..., :V], before, atol=1e-5, rtol=0)
+    # A model that has <AC> keeps its trained row when put in "ac" mode again; "full" keeps the anchor ids known.
+    trained = nnx.state(model2, nnx.Param)
+    trained["embed"][...] = trained["embed"][...].at[ac].set(7.0)
+    model3, tok3 = checkpoints.set_anchor_mode(model2, tok2, "ac", ac_init=init)
+    assert model3 is model2 and tok3.vocab_size == V + 1 and float(_params(model3)["embed"][ac, 0]) == 7.0
+    model4, _ = checkpoints.set_anchor_mode(model3, tok3, "full")
+    assert (model4.cfg.anchor_mode, model4.cfg.anchor_ids) == ("full", (ac,))
+    np.testing.assert_array_equal(_logits(model4, text), _logits(model4, text, mask="full"))
 
 
 def test_convert_cli_hf_to_native_with_ac(sp_model, tmp_path):
@@ -333,7 +341,9 @@ def test_convert_cli_hf_to_native_with_ac(sp_model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote native checkpoint" in r.stdout
     loaded, tok2 = checkpoints.load(out)
-    want, want_tok = checkpoints.add_anchor_token(init_model(model.cfg, seed=3), Tokenizer.load(src), init="mean")
+    want, want_tok = checkpoints.set_anchor_mode(
+        init_model(model.cfg, seed=3), Tokenizer.load(src), "ac", ac_init="mean"
+    )
     # HF directories carry no compute dtype: it loads as the default (bfloat16).
     assert loaded.cfg == want.cfg.replace(dtype="bfloat16") and loaded.cfg.anchor_mode == "ac"
     assert tok2.encode("a.<AC> b") == want_tok.encode("a.<AC> b")

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from anllm_jax import data
+from anllm_jax import anchors, data
 from anllm_jax.config import DataConfig
 from anllm_jax.masks import anchor_mask
 from anllm_jax.sentences import split_sentences
@@ -144,7 +144,7 @@ def test_ac_after_every_sentence(request, tok_name):
     ac = tok.anchor_ids("ac")[0]
     for k in range(12):
         text = _doc(k)
-        ids = data.encode_document(text, tok, "ac")
+        ids = anchors.encode_document(text, tok, "ac")
         assert ids[0] == tok.bos_id and ids[-1] == ac
         body = ids[1:]
         cuts = [i for i, t in enumerate(body) if t == ac]
@@ -154,7 +154,7 @@ def test_ac_after_every_sentence(request, tok_name):
         assert [tok.decode(p).strip() for p in pieces] == sentences
         # removing the anchors gives back the plain tokenization of the whole text
         assert [t for t in body if t != ac] == tok.encode(text)
-        assert data.encode_document(text, tok, "ep") == [tok.bos_id, *tok.encode(text)]
+        assert anchors.encode_document(text, tok, "ep") == [tok.bos_id, *tok.encode(text)]
 
 
 @pytest.mark.parametrize("tok_name", ["sp_tok", "bpe_tok"])
@@ -162,17 +162,17 @@ def test_prompts_keep_an_unfinished_last_sentence_open(request, tok_name):
     tok = request.getfixturevalue(tok_name)
     ac = tok.anchor_ids("ac")[0]
     closed = "Dr. Reed measured 2.5 m of rope. The river rose in the spring."
-    assert data.encode_prompt(closed, tok, "ac") == data.encode_document(closed, tok, "ac", add_bos=False)
-    assert data.encode_prompt(closed, tok, "ac").count(ac) == 2
+    assert anchors.encode_prompt(closed, tok, "ac") == anchors.encode_document(closed, tok, "ac", add_bos=False)
+    assert anchors.encode_prompt(closed, tok, "ac").count(ac) == 2
     open_ = "Dr. Reed measured 2.5 m of rope. The capital of France is"
-    ids = data.encode_prompt(open_, tok, "ac")
+    ids = anchors.encode_prompt(open_, tok, "ac")
     assert ids.count(ac) == 1 and ids[-1] != ac
     assert [t for t in ids if t != ac] == tok.encode(open_)
-    assert data.encode_prompt(open_, tok, "ep") == tok.encode(open_)
-    assert data.encode_prompt("", tok, "ac", add_bos=True) == [tok.bos_id]
+    assert anchors.encode_prompt(open_, tok, "ep") == tok.encode(open_)
+    assert anchors.encode_prompt("", tok, "ac", add_bos=True) == [tok.bos_id]
     for closed_end in ("The river rose…", "He said «it rose.»", "The river rose.)"):
-        assert data.encode_prompt(closed_end, tok, "ac")[-1] == ac
-    assert data.encode_prompt("The book was written by Dr.", tok, "ac")[-1] != ac
+        assert anchors.encode_prompt(closed_end, tok, "ac")[-1] == ac
+    assert anchors.encode_prompt("The book was written by Dr.", tok, "ac")[-1] != ac
 
 
 @pytest.mark.parametrize("tok_name", ["sp_tok", "bpe_tok"])
@@ -182,7 +182,7 @@ def test_long_documents_are_cut_exactly(request, tok_name):
     for mode in ("ac", "full"):
         for max_len in (20, 64):
             assert len(text) > 8 * max_len
-            assert data.encode_prefix(text, tok, mode, max_len) == data.encode_document(text, tok, mode)[:max_len]
+            assert anchors.encode_prefix(text, tok, mode, max_len) == anchors.encode_document(text, tok, mode)[:max_len]
 
 
 def test_rows_are_truncated_padded_documents(corpus, sp_tok):
@@ -200,7 +200,7 @@ def test_rows_are_truncated_padded_documents(corpus, sp_tok):
                     continue  # filler row of the last batch
                 rows += 1
                 (k,) = _doc_ids(sp_tok, tokens[:12])
-                expected = data.encode_document(texts[k], sp_tok, mode)[:seq_len]
+                expected = anchors.encode_document(texts[k], sp_tok, mode)[:seq_len]
                 n = len(expected)
                 assert tokens[:n].tolist() == expected and (seg[:n] == 1).all()
                 assert (seg[n:] == 0).all() and (tokens[n:] == 0).all()  # no pad id: padding holds 0
@@ -210,7 +210,7 @@ def test_rows_are_truncated_padded_documents(corpus, sp_tok):
     text = data.open_split(out, "train")[0]["text"].decode()
     assert first[: len(sp_tok.encode(text))].tolist() == sp_tok.encode(text) and sp_tok.bos_id not in first
     # the "ac" rows above fit whole documents, the "full" rows were cut
-    assert max(len(data.encode_document(t, sp_tok, "full")) for t in texts.values()) > 48
+    assert max(len(anchors.encode_document(t, sp_tok, "full")) for t in texts.values()) > 48
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_packed_rows_never_attend_across_documents(corpus, bpe_tok):
         np.testing.assert_array_equal(mask[r][np.ix_(idx, idx)], alone[i, : len(idx), : len(idx)])
     # packing loses and adds nothing: every token of the epoch's documents is there once
     n_train = len(data.open_split(out, "train"))
-    total = sum(len(data.encode_document(r["text"].decode(), bpe_tok, "ac")) for r in data.open_split(out, "train"))
+    total = sum(len(anchors.encode_document(r["text"].decode(), bpe_tok, "ac")) for r in data.open_split(out, "train"))
     assert int((seg > 0).sum()) == total and n_train > 20
 
 

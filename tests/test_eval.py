@@ -142,8 +142,8 @@ def test_masked_scores_equal_unpadded_rows(ep_model):
     """Batched, padded, bucketed scoring equals each row scored alone without padding (float64 softmax)."""
     demos, docs = tasks.fewshot(tasks.load_task("sciq"), 1)
     enc = ev.encode_task(ByteTokenizer(), "sciq", demos, docs[:1])
-    batched = ev.score_masked(ep_model, enc, "ansan", progress=False)[0]
-    forward = jax.jit(lambda t: ep_model(t, anchor_mode="ansan"))
+    batched = ev.score_masked(ep_model, enc, "model", progress=False)[0]
+    forward = jax.jit(lambda t: ep_model(t, mask="anchor"))
     for o, (ctx, cont) in enumerate(enc.options[0]):
         row = np.asarray([enc.prefix + ctx + cont], np.int32)
         logits = np.asarray(forward(row), np.float64)[0]

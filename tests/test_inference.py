@@ -49,17 +49,18 @@ def rows_with_anchors(seed: int, lengths: tuple[int, ...], anchor: int, rate: fl
 REF_WIDTH = 48
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _masked_forward(graphdef, state, mode, tokens_BT, segment_ids_BT):
-    return nnx.merge(graphdef, state)(tokens_BT, segment_ids_BT=segment_ids_BT, anchor_mode=mode)
+@functools.partial(jax.jit, static_argnums=(0,))
+def _masked_forward(graphdef, state, tokens_BT, segment_ids_BT):
+    return nnx.merge(graphdef, state)(tokens_BT, segment_ids_BT=segment_ids_BT)
 
 
-def reference_logits(model, row: list[int], mode: str) -> np.ndarray:
-    """Logits [len(row), V] of one masked forward over the row (padded to a fixed width: one compilation)."""
+def reference_logits(model, row: list[int]) -> np.ndarray:
+    """Logits [len(row), V] of one forward over the row under the model's own mask (padded to a fixed width: one
+    compilation)."""
     tokens = np.zeros((1, REF_WIDTH), np.int32)
     tokens[0, : len(row)] = row
     segment_ids = (np.arange(REF_WIDTH) < len(row)).astype(np.int32)[None]
-    logits = _masked_forward(*nnx.split(model), mode, jnp.asarray(tokens), jnp.asarray(segment_ids))
+    logits = _masked_forward(*nnx.split(model), jnp.asarray(tokens), jnp.asarray(segment_ids))
     return np.asarray(logits[0, : len(row)])
 
 
@@ -96,7 +97,7 @@ def test_chunked_cache_forward_equals_masked_forward(mode, chunk):
         logits, cache = gen_lib.extend(model, cache, part, np.clip(lengths_B - start, 0, chunk))
         got[:, start : start + chunk] = np.asarray(logits)[:, : min(chunk, T - start)]
     for b, row in enumerate(rows):
-        np.testing.assert_allclose(got[b, : len(row)], reference_logits(model, row, mode), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got[b, : len(row)], reference_logits(model, row), atol=ATOL, rtol=0)
     assert int(np.sum(np.asarray(cache.length))) < sum(map(len, rows))  # something was dropped
 
 
@@ -113,7 +114,7 @@ def test_prefill_then_decode_equals_masked_forward(mode, policy, chunk):
     rows = prompt_rows(anchor)
     follow = rows_with_anchors(1, (6, 6, 6), anchor, 0.4)
     cache, last = gen_lib.prefill(model, rows, policy=policy, chunk_size=chunk, reserve=len(follow[0]))
-    refs = [reference_logits(model, r + f, mode) for r, f in zip(rows, follow, strict=True)]
+    refs = [reference_logits(model, r + f) for r, f in zip(rows, follow, strict=True)]
     last = np.asarray(last)
     for b, row in enumerate(rows):
         np.testing.assert_allclose(last[b], refs[b][len(row) - 1], atol=ATOL, rtol=0)
@@ -175,7 +176,7 @@ def greedy_by_recompute(model, row: list[int], n: int, mode: str) -> tuple[list[
     """Reference: re-run the masked forward over the whole sequence for every new token."""
     row, out, lps = list(row), [], []
     for _ in range(n):
-        logits = jnp.asarray(reference_logits(model, row, mode)[-1])
+        logits = jnp.asarray(reference_logits(model, row)[-1])
         tok = int(jnp.argmax(logits))
         lps.append(float(jax.nn.log_softmax(logits)[tok]))
         out.append(tok)
@@ -214,7 +215,7 @@ def test_score_continuations_equals_masked_forward():
     logprobs, greedy = gen_lib.score_continuations(model, cache, last, conts, batch_size=2)
     for c, lp, g in zip(conts, logprobs, greedy, strict=True):
         seq = prefix + c
-        ref = jax.nn.log_softmax(jnp.asarray(reference_logits(model, seq, "ac")), axis=-1)
+        ref = jax.nn.log_softmax(jnp.asarray(reference_logits(model, seq)), axis=-1)
         pred = ref[len(prefix) - 1 : len(seq) - 1]
         np.testing.assert_allclose(lp, np.asarray(pred[np.arange(len(c)), c]), atol=ATOL, rtol=0)
         np.testing.assert_array_equal(g, np.asarray(jnp.argmax(pred, axis=-1)) == np.array(c))

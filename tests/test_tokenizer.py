@@ -65,7 +65,7 @@ def test_sentencepiece_anchor_ids(sp_path):
     assert tok.anchor_ids("ep", (".", "?", ".")) == (dot, sp.piece_to_id("?"))
     with pytest.raises(ValueError, match="anchor string 'full stop' is not a single token"):
         tok.anchor_ids("ep", ("full stop",))
-    with pytest.raises(ValueError, match="needs the <AC> token.*add_anchor_token"):
+    with pytest.raises(ValueError, match="needs the <AC> token.*set_anchor_mode"):
         tok.anchor_ids("ac")
     with pytest.raises(ValueError, match="anchor mode 'xx' is not one of"):
         tok.anchor_ids("xx")
