@@ -43,6 +43,10 @@ class QueueFullError(Exception):
     """Every slot is busy and the queue holds max_queue requests already."""
 
 
+class ContextTooLongError(ValueError):
+    """The prompt with max_tokens needs more cache entries than a slot holds."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
     """What a request produced since its previous event. token_ids exclude stop ids; text may lag the tokens
@@ -225,7 +229,7 @@ class Engine:
             raise ValueError(f"max_tokens={request.max_tokens} must be at least 1")
         need = entries_needed(request.prompt_ids, request.max_tokens, self.anchor_ids, self.policy, self.prefill_chunk)
         if need > self.capacity:
-            raise ValueError(
+            raise ContextTooLongError(
                 f"the prompt ({len(request.prompt_ids)} tokens) with max_tokens={request.max_tokens} needs {need} "
                 f"cache entries, but a slot holds {self.capacity} ({self.policy} cache); shorten the prompt or "
                 "lower max_tokens"
@@ -296,7 +300,7 @@ class Engine:
             try:
                 self._prefill_step()
                 self._decode_step()
-            except Exception as e:  # noqa: BLE001 - the server lives on; the requests in flight fail cleanly
+            except Exception as e:  # the server lives on; the requests in flight fail cleanly
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def _has_work(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -23,11 +24,19 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from anllm_jax import anchors
+from anllm_jax import anchors, generate
 from anllm_jax import engine as engine_lib
 from anllm_jax.engine import Engine, Event
 from anllm_jax.tokenizer import Tokenizer
@@ -148,6 +157,7 @@ class Metrics:
     """Prometheus metrics in a registry of their own; gauges read the engine when scraped."""
 
     def __init__(self, engine: Engine):
+        disable_created_metrics()  # the *_created series would only repeat the server's start time
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "anllm_requests", "HTTP requests by path and status code", ["path", "status"], registry=r
@@ -206,20 +216,32 @@ class _Generation:
     def __init__(
         self, engine: Engine, metrics: Metrics, prompt_ids: list[int], body: _Sampling, max_tokens: int, param: str
     ):
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.engine, self.metrics = engine, metrics
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         self.request = engine_lib.Request(
-            prompt_ids, max_tokens, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop_strings=tuple(s for s in stop if s),
-        )  # fmt: skip
+            prompt_ids,
+            max_tokens,
+            self._emit,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop_strings=tuple(s for s in stop if s),
+        )
         try:
             engine.submit(self.request)
         except engine_lib.QueueFullError as e:
             raise ApiError(429, f"{e}; retry after {_RETRY_AFTER_S} s", code="queue_full") from None
-        except ValueError as e:
+        except engine_lib.ContextTooLongError as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    def _emit(self, ev: Event) -> None:
+        """Called from the engine thread. After shutdown closed the event loop nobody waits for the event."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
 
     async def events(self, http: Request | None = None) -> AsyncIterator[Event]:
         """The events up to the last. With `http`, a client gone away ends them (checked every quarter second);
@@ -360,7 +382,7 @@ class _Api:
             messages.append({"role": m.role, "content": text})
         try:
             ids = self._encode(self.render(messages))
-        except Exception as e:  # noqa: BLE001 - a template may raise anything on messages it does not accept
+        except Exception as e:  # a template may raise anything on messages it rejects
             raise ApiError(400, f"the chat template rejected the messages: {e}", "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.engine.room(ids))
         g = _Generation(self.engine, self.metrics, ids, body, max_tokens, "messages")
@@ -396,14 +418,18 @@ class _Api:
             role = {"role": "assistant", "content": ""}
             yield _sse(head | {"choices": [{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}]})
         sent = 0
-        async for ev in g.events():
-            if ev.error:
-                yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}})
-                return
-            choice = {"index": 0, "logprobs": logprobs([ev], sent), "finish_reason": ev.finish_reason}
-            choice |= {"delta": {"content": ev.text}} if chat else {"text": ev.text}
-            sent += len(ev.text)
-            yield _sse(head | {"choices": [choice]})
+        async with contextlib.aclosing(g.events()) as events:  # closed (request cancelled) when the client leaves
+            async for ev in events:
+                if ev.error:
+                    yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}})
+                    return
+                lp = logprobs([ev], sent)
+                if not ev.text and ev.finish_reason is None and lp is None:
+                    continue  # text held back (a possible stop string or a partial character): nothing to send
+                choice = {"index": 0, "logprobs": lp, "finish_reason": ev.finish_reason}
+                choice |= {"delta": {"content": ev.text}} if chat else {"text": ev.text}
+                sent += len(ev.text)
+                yield _sse(head | {"choices": [choice]})
         if include_usage:
             yield _sse(head | {"choices": [], "usage": _usage(g)})
         yield "data: [DONE]\n\n"
@@ -485,15 +511,22 @@ def _setup(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str, str | None
         checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     policy = args.cache or ("anchor" if model.cfg.anchor_mode != "full" else "full")
     capacity = engine_lib.capacity_for(model, args.slots, int(args.cache_memory * 2**20))
-    if capacity < engine_lib.TOP_LOGPROBS * 4:
+    if capacity < generate.bucket(1):  # the smallest prefill writes a bucket of slots
         raise ValueError(
             f"--cache-memory {args.cache_memory:g} MiB gives {args.slots} slots only {capacity} entries each "
-            f"({engine_lib.bytes_per_entry(model):,} bytes per entry); raise --cache-memory or lower --slots"
+            f"({engine_lib.bytes_per_entry(model):,} bytes per entry, at least {generate.bucket(1)} needed); raise "
+            "--cache-memory or lower --slots"
         )
     engine = Engine(
-        model, tokenizer, policy=policy, slots=args.slots, capacity=capacity, prefill_chunk=args.prefill_chunk,
-        max_queue=args.max_queue, stop_ids=[] if tokenizer.eos_id is None else [tokenizer.eos_id],
-    )  # fmt: skip
+        model,
+        tokenizer,
+        policy=policy,
+        slots=args.slots,
+        capacity=capacity,
+        prefill_chunk=args.prefill_chunk,
+        max_queue=args.max_queue,
+        stop_ids=[] if tokenizer.eos_id is None else [tokenizer.eos_id],
+    )
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint)).removesuffix(".gguf")
     return engine, tokenizer, name, template or tokenizer.chat_template
 
@@ -506,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         sock.bind((args.host, args.port))
         sock.listen()
     except OSError as e:
-        print(f"anllm_jax.serve: error: cannot listen on {args.host}:{args.port} ({e.strerror}); "
-              "pick another --port or --host", file=sys.stderr)  # fmt: skip
+        where = f"{args.host}:{args.port}"
+        print(f"anllm_jax.serve: error: cannot listen on {where} ({e.strerror}); pick another --port", file=sys.stderr)
         return 2
     try:
         engine, tokenizer, name, template = _setup(args)

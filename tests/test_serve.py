@@ -119,8 +119,8 @@ def metric(url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def library(model, tok, ids: list[int], n: int, **kw) -> gen_lib.Generation:
-    return gen_lib.generate(model, [ids], policy="anchor", max_new_tokens=n, stop_ids=[tok.eos_id], tokenizer=tok, **kw)
+def library(model, tok, ids: list[int], n: int, policy: str = "anchor", **kw) -> gen_lib.Generation:
+    return gen_lib.generate(model, [ids], policy=policy, max_new_tokens=n, stop_ids=[tok.eos_id], tokenizer=tok, **kw)
 
 
 def assert_same_as(choice, want: gen_lib.Generation, tok: Tokenizer) -> None:
@@ -155,6 +155,22 @@ def test_greedy_and_seeded_requests_equal_generate_whatever_else_is_in_the_batch
     assert_same_as(got["seeded"], library(model, tok, short, 24, temperature=0.9, top_p=0.8, seed=7), tok)
     generated = library(model, tok, short, 24).tokens[0] + library(model, tok, long, 24).tokens[0]
     assert set(generated) & set(model.cfg.anchor_ids)  # decoding met anchors: the batched cache compacted
+
+
+def test_full_cache_server_equals_generate_with_the_full_cache(tiny_checkpoint, reference):
+    model, tok = reference
+    proc, url = start_server("--checkpoint", tiny_checkpoint, "--cache", "full", "--prefill-chunk", str(PREFILL_CHUNK))
+    try:
+        c = client(url)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            kw = dict(model="tiny", max_tokens=16, temperature=0, logprobs=1)
+            short, long = pool.map(lambda p: c.completions.create(prompt=p, **kw).choices[0], (SHORT, LONG))
+        assert json.loads(http(url, "/health")[2])["capacity"] >= len(tok.encode(LONG))
+    finally:
+        stop_server(proc)
+    assert_same_as(short, library(model, tok, anchors.encode_prompt(SHORT, tok, "ep"), 16, "full"), tok)
+    want = library(model, tok, anchors.encode_prompt(LONG, tok, "ep"), 16, "full", chunk_size=PREFILL_CHUNK)
+    assert_same_as(long, want, tok)
 
 
 def test_greedy_request_equals_the_generate_cli(server, tiny_checkpoint):
