@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
 # A job here takes seconds; the bound is for a loaded machine. A job still running at the bound is cancelled.
 JOB_TIMEOUT = 300.0
+# One worker runs the SLURM tests one after the other: their jobs need the same two CPUs.
+slurm_test = pytest.mark.xdist_group("slurm")
 UNFINISHED = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 
 
@@ -105,9 +107,9 @@ def slurm(tmp_path: Path) -> Iterator[Slurm]:
     if shutil.which("sbatch") is None:
         pytest.skip("SLURM is not installed (as root, scripts/slurm_local.sh installs and starts a one-node cluster)")
     nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=60).stdout.split()
-    if not {"idle", "mixed"} & set(nodes):
+    if not {"idle", "mixed", "allocated", "completing"} & set(nodes):
         proc = subprocess.run(["bash", "scripts/slurm_local.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"SLURM is installed but no node is free: {proc.stderr.strip()}"
+        assert proc.returncode == 0, f"SLURM is installed but has no usable node: {proc.stderr.strip()}"
     # Two CPU devices per process and a mesh over four: it only fits when both processes joined one job.
     cfg = tiny_config(
         tmp_path,
@@ -126,9 +128,14 @@ def slurm(tmp_path: Path) -> Iterator[Slurm]:
 
 def _metrics(run: Path) -> dict[int, dict]:
     """The last row logged for each step (a resumed run logs again from its checkpoint)."""
-    path = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row for row in rows}
+
+
+def _steps_logged(run: Path) -> int:
+    """Complete lines in metrics.jsonl, which the job may be appending to."""
+    path = run / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
 
 
 def _tasks_exited(srun_output: str, code: int) -> set[int]:
@@ -141,6 +148,8 @@ def _tasks_exited(srun_output: str, code: int) -> set[int]:
     return tasks
 
 
+@pytest.mark.slow
+@slurm_test
 def test_slurm_two_tasks_train_checkpoint_on_sigterm_and_resume(slurm: Slurm, tmp_path: Path) -> None:
     """Two SLURM tasks train with the losses of one process; the scheduler's SIGTERM reaches both, which checkpoint
     and exit 143; resubmitting the same command resumes from that step and ends with the uninterrupted job's
@@ -168,7 +177,7 @@ def test_slurm_two_tasks_train_checkpoint_on_sigterm_and_resume(slurm: Slurm, tm
     np.testing.assert_allclose([two[s]["loss"] for s in ref], [ref[s]["loss"] for s in ref], rtol=0, atol=1e-5)
 
     cut = slurm.submit("run_name=cut")
-    slurm.wait_for(cut, lambda: len(_metrics(runs / "cut")) >= 2)
+    slurm.wait_for(cut, lambda: _steps_logged(runs / "cut") >= 2)
     subprocess.run(["scancel", "--signal=TERM", cut], check=True, timeout=60)
     assert slurm.wait(cut) == ("FAILED", "143:0"), slurm.output(cut)[-3000:]
     out = slurm.output(cut)
@@ -189,12 +198,23 @@ def test_slurm_two_tasks_train_checkpoint_on_sigterm_and_resume(slurm: Slurm, tm
         assert got[s]["loss"] == pytest.approx(two[s]["loss"], abs=1e-6), f"loss differs at step {s}"
 
 
-def test_slurm_job_fails_whole_when_a_task_dies(slurm: Slurm, tmp_path: Path) -> None:
-    """A task killed mid-run takes the job down: srun stops the other process, which would otherwise wait in a
-    collective for a peer that is gone until jax.distributed's heartbeat timeout (100 s), within SLURM's KillWait
-    (its SIGTERM goes to a handler that cannot finish a step without the peer), and the job fails."""
+@pytest.mark.slow
+@slurm_test
+def test_slurm_job_fails_on_a_bad_argument_and_on_a_dead_task(slurm: Slurm, tmp_path: Path) -> None:
+    """A config key the trainer rejects fails the job with the trainer's one-line error and no checkpoint. A task
+    killed mid-run fails the job within SLURM's KillWait: srun stops the other process (SIGTERM, then SIGKILL, as it
+    cannot finish a step without its peer), which would otherwise wait in a collective until jax.distributed's
+    heartbeat timeout (100 s)."""
+    job = slurm.submit("run_name=bad", "stesp=3")
+    assert slurm.wait(job)[0] == "FAILED"
+    out = slurm.output(job)
+    assert "anllm_jax.train: error: unknown config key 'stesp' (did you mean steps?)" in out, out[-3000:]
+    # The first task to exit reports 1; srun may stop the other one with SIGTERM while it is exiting.
+    assert _tasks_exited(out, 1) and "SIGTERM: saved checkpoint" not in out, out[-3000:]
+    assert not (tmp_path / "runs/bad/checkpoints").exists()
+
     job = slurm.submit("run_name=kill", "steps=100000")
-    slurm.wait_for(job, lambda: len(_metrics(tmp_path / "runs/kill")) >= 2)
+    slurm.wait_for(job, lambda: _steps_logged(tmp_path / "runs/kill") >= 2)
     pids = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True, timeout=60, check=True)
     # Columns: PID JOBID STEPID LOCALID GLOBALID; task 1 of step 0 is the second training process.
     task1 = [int(f[0]) for f in (line.split() for line in pids.stdout.splitlines()[1:]) if f[2:5] == ["0", "1", "1"]]
