@@ -40,7 +40,8 @@ fi
 mkdir -p /var/spool/slurmctld /var/spool/slurmd "$LOG"
 # proctrack/linuxproc and task/none need no cgroups (containers often have none writable); SlurmUser=root because
 # the daemons serve this machine only; KillWait=10 (default 30) kills a job's leftover processes sooner after its
-# SIGTERM, which keeps the tests short.
+# SIGTERM, which keeps the tests short. At least 2 CPUs (config_overrides: slurmd takes the count as given) so that
+# the tests' two-task jobs fit on any machine.
 cat >"$CONF.new" <<CONF
 $MARK
 ClusterName=local
@@ -56,13 +57,14 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 KillWait=10
+SlurmdParameters=config_overrides
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(($(nproc) > 2 ? $(nproc) : 2)) State=UNKNOWN
 PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 changed=0
@@ -77,7 +79,7 @@ running /run/slurmd.pid || slurmd || fail "slurmd did not start (see $LOG/slurmd
 for _ in $(seq 60); do
   state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null || true)
   case $state in
-    idle | mixed | allocated) exit 0 ;;
+    idle | mixed | allocated | completing) exit 0 ;;
     down* | drain*) scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true ;;
   esac
   sleep 1
