@@ -207,6 +207,7 @@ class Engine:
         self._top_p_B = np.ones(slots, np.float32)
         self._entries_B = np.zeros(slots, np.int64)
         self._peak_entries = 0
+        self._decode_totals = {"decode_steps": 0, "decode_tokens": 0, "decode_seconds": 0.0}
         self._waiting: collections.deque[Request] = collections.deque()
         self._prefill: _Prefill | None = None
         self._wake = threading.Condition()
@@ -250,7 +251,8 @@ class Engine:
             request.cancelled = True
             self._wake.notify()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
+        """Slots, queue and cache occupancy now; peak entries and decode totals since the start."""
         busy_B = np.array([r is not None for r in self._requests])
         entries = int(np.sum(self._entries_B[self._decoding_B & busy_B]))
         return {
@@ -262,6 +264,7 @@ class Engine:
             "cache_bytes": entries * self.bytes_per_entry,
             "cache_entries_peak": self._peak_entries,
             "cache_allocated_bytes": (self.slots + 1) * self.capacity * self.bytes_per_entry,
+            **self._decode_totals,
         }
 
     def start(self) -> None:
@@ -369,11 +372,16 @@ class Engine:
         """Feed every decoding slot its latest token in one forward, then sample the next for each."""
         if not warm_up and not self._decoding_B.any():
             return
+        t0 = time.perf_counter()
         n_new_B = self._decoding_B.astype(np.int32)
         logits_B1V, self.cache = generate.extend(self.model, self.cache, self._last_tok_B[:, None], n_new_B)
         out = self._sample_rows(logits_B1V[:, 0], self._seed_B, self._step_B, self._temperature_B, self._top_p_B)
         self._entries_B = np.asarray(jax.device_get(self.cache.length), np.int64)
         self._peak_entries = max(self._peak_entries, int(np.sum(self._entries_B[self._decoding_B])))
+        if not warm_up:
+            self._decode_totals["decode_steps"] += 1
+            self._decode_totals["decode_tokens"] += int(np.sum(n_new_B))
+            self._decode_totals["decode_seconds"] += time.perf_counter() - t0
         for b in np.nonzero(self._decoding_B)[0]:
             self._accept(int(b), *(x[b] for x in out))
 

@@ -10,11 +10,11 @@ anchors), so about 4% of a prompt are anchors. A first request of the same shape
 
 Reported per policy: sequences that fit, entries per slot, MiB allocated, peak entries in use (and what full caches
 of the same tokens would hold), wall time from submission to the last token, median time to first token, generated
-tokens/s of all sequences together over the wall time, the decode rate in the stretch where every sequence is
-decoding (prompts are prefilled one chunk per engine step, so the first sequences decode while later ones are
-still prefilling; --max-tokens is chosen so that all of them overlap), and processed tokens/s (prompt + generated).
+tokens/s of all sequences together over the wall time, processed tokens/s (prompt + generated), and of the decode
+steps alone: sequences per step on average (prompts are prefilled one chunk per engine step, so early sequences
+decode while later ones still prefill), tokens per second of decode-step time, and milliseconds per step.
 
-    python bench/serve.py                                   # SmolLM2-135M, EP anchors, 1024-token contexts, 512 MiB
+    python bench/serve.py                                   # SmolLM2-135M, EP anchors, 1024-token contexts, 256 MiB
     python bench/serve.py --checkpoint runs/ep/export --anchor-mode ep --context 2048 --cache-memory 1024
 """
 
@@ -51,36 +51,31 @@ def prompts(rng: np.random.Generator, n: int, length: int, model: Llama, tok: To
     return out
 
 
-def run_batch(eng: engine.Engine, batch: list[list[int]], max_tokens: int) -> dict[str, float | None]:
-    """Submit every prompt at once and wait for all: wall time, median time to first token, and the decode rate
-    while every sequence decodes (from the last first token to the first finish; None when they never overlap)."""
+def run_batch(eng: engine.Engine, batch: list[list[int]], max_tokens: int) -> dict[str, float]:
+    """Submit every prompt at once and wait for all: wall time, median time to first token, and the engine's decode
+    steps, tokens and seconds in that time."""
     done = threading.Semaphore(0)
-    times: list[list[float]] = [[] for _ in batch]  # one event per sampled token (there are no stop ids)
+    failed: list[str] = []
 
-    def emitter(i: int):
-        def emit(ev: engine.Event) -> None:
-            times[i].append(time.perf_counter())
-            if ev.error or ev.finish_reason:
-                done.release()
+    def emit(ev: engine.Event) -> None:
+        if ev.error:
+            failed.append(ev.error)
+        if ev.error or ev.finish_reason:
+            done.release()
 
-        return emit
-
-    reqs = [engine.Request(p, max_tokens, emitter(i)) for i, p in enumerate(batch)]
+    reqs = [engine.Request(p, max_tokens, emit) for p in batch]
+    before = eng.stats()
     t0 = time.perf_counter()
     for r in reqs:
         eng.submit(r)
     for _ in reqs:
         done.acquire()
     wall = time.perf_counter() - t0
-    if any(len(t) != max_tokens for t in times):
-        raise SystemExit("bench/serve.py: error: a sequence ended early (generation failed)")
-    lo, hi = max(t[0] for t in times), min(t[-1] for t in times)
-    in_window = sum(lo < x <= hi for t in times for x in t)
-    return {
-        "wall_s": wall,
-        "ttft_median_s": statistics.median(t[0] - t0 for t in times),
-        "all_decoding_tokens_per_s": in_window / (hi - lo) if hi > lo else None,
-    }
+    if failed:
+        raise SystemExit(f"bench/serve.py: error: generation failed: {failed[0]}")
+    after = eng.stats()
+    decode = {k: after[k] - before[k] for k in ("decode_steps", "decode_tokens", "decode_seconds")}
+    return {"wall_s": wall, "ttft_median_s": statistics.median(r.first_token_at - t0 for r in reqs), **decode}
 
 
 def bench_policy(model: Llama, tok: Tokenizer, policy: str, pool: list[list[int]], args) -> dict:
@@ -107,7 +102,9 @@ def bench_policy(model: Llama, tok: Tokenizer, policy: str, pool: list[list[int]
         "wall_s": t["wall_s"],
         "ttft_median_s": t["ttft_median_s"],
         "generated_tokens_per_s": generated / t["wall_s"],
-        "all_decoding_tokens_per_s": t["all_decoding_tokens_per_s"],
+        "mean_sequences_per_step": t["decode_tokens"] / t["decode_steps"],
+        "decode_tokens_per_s": t["decode_tokens"] / t["decode_seconds"],
+        "ms_per_decode_step": 1000 * t["decode_seconds"] / t["decode_steps"],
         "processed_tokens_per_s": (generated + slots * args.context) / t["wall_s"],
     }
 
@@ -117,9 +114,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default="smollm2", help="native/HF dir, GGUF file, or 'smollm2' (packaged)")
     p.add_argument("--anchor-mode", default="ep", choices=("ep", "ac"), help="anchors of the anchor cache")
     p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
-    p.add_argument("--max-tokens", type=int, default=160, help="tokens generated per sequence")
-    p.add_argument("--cache-memory", type=float, default=512.0, help="MiB of KV cache for every policy")
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--cache-memory", type=float, default=256.0, help="MiB of KV cache for every policy")
+    p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--max-sequences", type=int, default=64, help="at most this many sequences per policy")
     p.add_argument("--policies", default="anchor,full")
     p.add_argument("--dtype", default="float32")
@@ -148,9 +145,9 @@ def main() -> None:
         f"{args.checkpoint} ({args.anchor_mode} anchors, {args.dtype}), {report['hardware']}: {args.context}-token "
         f"contexts, {args.max_tokens} new tokens, {args.cache_memory:g} MiB of KV cache, prefill chunk "
         f"{args.prefill_chunk}\n"
-        f"| policy | sequences | entries/slot | MiB allocated | peak entries (full would hold) | wall s | "
-        f"median TTFT s | generated tok/s | tok/s while all decode | processed tok/s |\n"
-        f"|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| policy | sequences | entries/slot | MiB allocated | peak entries (full caches) | wall s | median TTFT s | "
+        f"generated tok/s | processed tok/s | sequences/step | decode tok/s | ms/step |\n"
+        f"|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         flush=True,
     )
     for policy in args.policies.split(","):
@@ -158,14 +155,13 @@ def main() -> None:
         report["rows"].append(r)
         records.write_json(args.out, report)
         if "note" in r:
-            print(f"| {policy} | 0 | {r['entries_per_slot']} | {r['note']} ||||||", flush=True)
+            print(f"| {policy} | 0 | {r['entries_per_slot']} | {r['note']} ||||||||", flush=True)
             continue
-        rate = r["all_decoding_tokens_per_s"]
-        all_decoding = "-" if rate is None else f"{rate:.1f}"
         print(
             f"| {policy} | {r['sequences']} | {r['entries_per_slot']} | {r['cache_mib_allocated']:.1f} | "
             f"{r['peak_entries_in_use']:,} ({r['full_entries']:,}) | {r['wall_s']:.1f} | {r['ttft_median_s']:.1f} | "
-            f"{r['generated_tokens_per_s']:.1f} | {all_decoding} | {r['processed_tokens_per_s']:.0f} |",
+            f"{r['generated_tokens_per_s']:.1f} | {r['processed_tokens_per_s']:.0f} | "
+            f"{r['mean_sequences_per_step']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['ms_per_decode_step']:.0f} |",
             flush=True,
         )
     print(f"\nwrote {args.out}")
