@@ -44,8 +44,8 @@ PREFILL_CHUNK = 16
 SLOTS, MAX_QUEUE = 4, 8
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> str:
+def tiny_tokenizer() -> Tokenizer:
+    """A byte-level BPE of ~300 tokens trained on TEXT, with an end token and the chat template."""
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -55,7 +55,12 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>", "<|im_start|>"], initial_alphabet=alphabet)
     bpe.train_from_iterator(TEXT * 10, trainer)
-    tok = Tokenizer(bpe=bpe, eos_id=0, chat_template=CHAT_TEMPLATE)
+    return Tokenizer(bpe=bpe, eos_id=0, chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    tok = tiny_tokenizer()
     anchor_ids = tuple(sorted({*tok.anchor_ids("ep"), *range(3, tok.vocab_size, 4)}))
     cfg = preset("tiny", vocab_size=tok.vocab_size, eos_id=0, anchor_mode="ep", anchor_ids=anchor_ids)
     path = str(tmp_path_factory.mktemp("serve") / "tiny")
@@ -330,3 +335,22 @@ def test_real_smollm2_chat_equals_generate():
     assert tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     want = library(model, tok, ids, 8)
     assert got.choices[0].message.content == want.text[0] and want.text[0].strip()
+
+
+def test_the_chat_template_survives_native_and_hf_tokenizer_files(tmp_path):
+    tok = tiny_tokenizer()
+    tok.save(str(tmp_path / "native"))
+    assert Tokenizer.load(str(tmp_path / "native")).chat_template == CHAT_TEMPLATE
+    hf = tmp_path / "hf"
+    tok.hf_tokenizer_files(str(hf))
+    (hf / "anllm_tokenizer.json").unlink()  # read as an HF model directory: tokenizer_config.json
+    assert Tokenizer.load(str(hf)).chat_template == CHAT_TEMPLATE
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ 1 }}"}]
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.load(str(hf)).chat_template == "{{ 1 }}"
+    (hf / "chat_template.jinja").write_text("{{ 2 }}")
+    assert Tokenizer.load(str(hf)).chat_template == "{{ 2 }}"
+    tok.chat_template = None
+    tok.save(str(tmp_path / "plain"))
+    assert Tokenizer.load(str(tmp_path / "plain")).chat_template is None
