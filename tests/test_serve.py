@@ -13,6 +13,7 @@ import json
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -267,11 +268,29 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, reference):
         assert r.readline().startswith(b"data: ")
         health = json.loads(http(server, "/health")[2])
         assert health["active_slots"] == 1 and 0 < health["cache_entries"] < len(reference[1].encode(prompt))
+    assert_slots_freed(server, before, 400)
+
+
+def assert_slots_freed(url: str, generated_before: float, max_tokens: int) -> None:
+    """Every slot frees within seconds, before its request generated max_tokens tokens."""
     deadline = time.monotonic() + 20
-    while metric(server, "anllm_active_slots") and time.monotonic() < deadline:
+    while metric(url, "anllm_active_slots") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert metric(server, "anllm_active_slots") == 0
-    assert metric(server, "anllm_generated_tokens_total") - before < 400
+    assert metric(url, "anllm_active_slots") == 0
+    assert metric(url, "anllm_generated_tokens_total") - generated_before < max_tokens
+
+
+def test_a_client_that_disconnects_while_waiting_for_a_plain_answer_frees_its_slot(server):
+    before = metric(server, "anllm_generated_tokens_total")
+    body = json.dumps({"prompt": " ".join(TEXT * 3), "max_tokens": 400, "temperature": 0}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        conn.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 20
+        while not metric(server, "anllm_active_slots") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert_slots_freed(server, before, 400)
 
 
 def test_bounded_load_every_request_answers_or_gets_a_clean_429(server):
