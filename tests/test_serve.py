@@ -43,6 +43,8 @@ SHORT = "The cat sat on the mat. The dog"  # one prefill chunk
 LONG = " ".join(TEXT) + " The town"  # several chunks of PREFILL_CHUNK
 PREFILL_CHUNK = 16
 SLOTS, MAX_QUEUE = 4, 8
+# One xdist worker runs the whole module: the server fixture starts once, and the load test has the cores to itself.
+pytestmark = pytest.mark.xdist_group("serve")
 
 
 def tiny_tokenizer() -> Tokenizer:
