@@ -43,7 +43,7 @@ SHORT = "The cat sat on the mat. The dog"  # one prefill chunk
 LONG = " ".join(TEXT) + " The town"  # several chunks of PREFILL_CHUNK
 PREFILL_CHUNK = 16
 SLOTS, MAX_QUEUE = 4, 8
-# One xdist worker runs the whole module: the server fixture starts once, and the load test has the cores to itself.
+# One xdist worker runs the whole module, so the module-scoped server starts once per run.
 pytestmark = pytest.mark.xdist_group("serve")
 
 
