@@ -414,6 +414,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_train_config(args.config, args.overrides)
         sharding.initialize_distributed(cfg.distributed)
+        if jax.process_count() > 1:
+            log.info(
+                "jax.distributed: process %d of %d, %d devices (%d local)",
+                jax.process_index(),
+                jax.process_count(),
+                jax.device_count(),
+                jax.local_device_count(),
+            )
         if jax.process_index() != 0:
             logging.getLogger().setLevel(logging.WARNING)
         result = train(cfg)

@@ -119,13 +119,18 @@ class Checkpoints:
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
         data = out["data"]
-        if data["process_count"] != jax.process_count():
-            raise ValueError(
-                f"checkpoint step {step} was written by {data['process_count']} processes but this job has "
-                f"{jax.process_count()}; resume with the same process count (weights alone load with "
-                "restore_train_state)"
-            )
-        return out["state"], _decode_state(data["states"][jax.process_index()])
+        states = data["states"]
+        if data["process_count"] == jax.process_count():
+            return out["state"], _decode_state(states[jax.process_index()])
+        # With data.split_by=rows every process reads the same global stream, so the saved positions are equal
+        # and any process count can go on from them.
+        if all(s == states[0] for s in states):
+            return out["state"], _decode_state(states[0])
+        raise ValueError(
+            f"checkpoint step {step} was written by {data['process_count']} processes, each at its own position in "
+            f"the data (data.split_by=documents), but this job has {jax.process_count()}; resume with the same "
+            "process count (weights alone load with restore_train_state)"
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -23,9 +23,9 @@ MODULE=${MODULE:-anllm_jax.train}
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 LOG_DIR=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$LOG_DIR"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup INT TERM
+declare -A index=()  # pid -> process id, for the processes still running
+stop_all() { for p in "${!index[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap stop_all INT TERM
 for ((i = 0; i < N; i++)); do
   if [[ $i -eq 0 ]]; then
     JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i "$PYTHON" -m "$MODULE" "$@" &
@@ -33,16 +33,19 @@ for ((i = 0; i < N; i++)); do
     JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i "$PYTHON" -m "$MODULE" "$@" \
       >"$LOG_DIR/process_$i.log" 2>&1 &
   fi
-  pids+=($!)
+  index[$!]=$i
 done
 status=0
-for ((left = N; left > 0; left--)); do
+while ((${#index[@]} > 0)); do
   code=0
-  wait -n -p finished "${pids[@]}" || code=$?
+  wait -n -p finished "${!index[@]}" || code=$?
+  i=${index[$finished]}
+  unset "index[$finished]"
   if [[ $code -ne 0 && $status -eq 0 ]]; then
     status=$code
-    echo "process with pid $finished failed with exit code $code (logs of processes 1..$((N - 1)): $LOG_DIR)" >&2
-    cleanup
+    if [[ $i -eq 0 ]]; then where="its output is above"; else where="its log: $LOG_DIR/process_$i.log"; fi
+    echo "local_multiprocess: process $i failed with exit code $code ($where); stopping the others" >&2
+    stop_all
   fi
 done
 exit $status

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from test_train import fast_env, tiny_config
 
@@ -114,3 +115,63 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     two = [json.loads(line)["loss"] for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()]
     assert len(two) == len(one) == 4
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+
+
+def _demo(tmp_path: Path, corpus: Path, run: str, steps: int) -> list[str]:
+    """The README's demo job, cut to `steps` steps and one held-out batch, evaluated every 2 steps."""
+    return [
+        "--config", "configs/demo.yaml", f"run_name={run}", f"output_dir={tmp_path / 'runs'}", f"data.path={corpus}",
+        f"steps={steps}", "eval.batches=1", "eval.every_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=2",
+        "checkpoint.export_model=false",
+    ]  # fmt: skip
+
+
+def _launch(args: list[str], env: dict, processes: int) -> None:
+    cmd = ["bash", "launch/local_multiprocess.sh", str(processes)] if processes > 1 else [sys.executable, "-m"]
+    cmd += [] if processes > 1 else ["anllm_jax.train"]
+    proc = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in Path(env["LOG_DIR"]).glob("*.log"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:] + logs[-3000:]
+
+
+def _curves(run_dir: Path) -> tuple[dict[int, float], dict[int, tuple[float, float]]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}, {e["step"]: (e["ppl_full"], e["ppl_ansan"]) for e in evals}
+
+
+@pytest.mark.slow
+def test_readme_multiprocess_demo_equals_one_process(tmp_path):
+    """`launch/local_multiprocess.sh 2 --config configs/demo.yaml` (the real SmolLM2, the registry corpus, the
+    default mesh, one CPU device per process) trains with the one-process losses and held-out perplexities, and its
+    checkpoint restores (restore_train_state) and resumes on one process."""
+    from anllm_jax import data
+
+    corpus = tmp_path / "corpus"
+    data.prepare(output=str(corpus))
+    env = dict(fast_env(tmp_path, 1), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
+    _launch(_demo(tmp_path, corpus, "one", 3), env, 1)
+    _launch(_demo(tmp_path, corpus, "two", 2), env, 2)
+    one_loss, one_ppl = _curves(tmp_path / "runs/one")
+    two_loss, two_ppl = _curves(tmp_path / "runs/two")
+    assert sorted(two_loss) == [1, 2] and sorted(two_ppl) == [0, 2]
+    np.testing.assert_allclose([two_loss[s] for s in (1, 2)], [one_loss[s] for s in (1, 2)], rtol=2e-5)
+    np.testing.assert_allclose(two_ppl[0], one_ppl[0], rtol=2e-5)
+    # After two Adam steps, reduction-order noise in near-zero gradient entries has moved those entries by up to
+    # +-lr each step (Adam divides a gradient by its own magnitude): 1e-4 here, so the models agree to ~2e-4.
+    np.testing.assert_allclose(two_ppl[2], one_ppl[2], rtol=1e-3)
+    code = f"""
+        import jax, numpy as np
+        from anllm_jax import trainstate
+        _, a = trainstate.restore_train_state("{tmp_path}/runs/two")
+        _, b = trainstate.restore_train_state("{tmp_path}/runs/one", step=2)
+        assert int(a["step"]) == int(b["step"]) == 2
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=2.5e-4), a["params"], b["params"])
+        print("OK")
+    """
+    assert _run_python(code, fast_env(tmp_path, 1)).strip().endswith("OK")
+    _launch(_demo(tmp_path, corpus, "two", 3), env, 1)  # resumed on one process: the same step 3, same batch
+    resumed = [json.loads(line) for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "runs/one/metrics.jsonl").read_text().splitlines()]
+    assert resumed[-1]["step"] == 3 and resumed[-1]["batch_crc"] == reference[-1]["batch_crc"]
+    np.testing.assert_allclose(resumed[-1]["loss"], reference[-1]["loss"], rtol=1e-3)
