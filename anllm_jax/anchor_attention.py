@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from anllm_jax import masks
+from anllm_jax import anchor_rows, masks
 
 DEFAULT_BLOCK = 128
 # Previous blocks in the key window, tried in order at run time: a 2-block window covers every sentence of
@@ -135,7 +135,7 @@ def select_path(info: masks.TokenInfo, block: int, capacity: int, tiers: tuple[i
     has_prev = prev >= 0
 
     def at_prev(x):
-        return _rows(lambda x, i: x[i], x, jnp.maximum(prev, 0))
+        return anchor_rows.per_row(lambda x, i: x[i], x, jnp.maximum(prev, 0))
 
     seg_prev, doc_prev = at_prev(info.seg), at_prev(info.doc)
     follows = ~valid | ~has_prev
@@ -150,31 +150,6 @@ def select_path(info: masks.TokenInfo, block: int, capacity: int, tiers: tuple[i
         fits = ordered & fits_slots & jnp.all(~valid | (run_start >= window_start))
         tier = jnp.where(fits, i, tier)
     return tier
-
-
-def _gather_anchors(k, v, info: masks.TokenInfo, capacity: int):
-    """The row's valid anchors in order, compacted to `capacity` slots (empty slots are invalid)."""
-    B, T = info.order.shape
-    is_a = info.anchor & info.valid
-    slot = jnp.where(is_a, jnp.cumsum(is_a, axis=1) - 1, capacity)
-    t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    idx_BA = _rows(lambda s, t: jnp.full((capacity,), T, jnp.int32).at[s].set(t, mode="drop"), slot, t)
-
-    def take(x):
-        x_pad = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
-        return _rows(lambda x, i: x[i], x_pad, idx_BA)
-
-    return take(k), take(v), jax.tree.map(take, info), idx_BA
-
-
-def _rows(f, *arrays):
-    """`f` on each row: gathers and scatters vmapped over the batch stay local to a batch-sharded device."""
-    return jax.vmap(f)(*arrays)
-
-
-def scatter_add_rows(x_BT, idx_BA, upd_BA):
-    """x[b, idx[b, a]] += upd[b, a] for each row; out-of-range indices (empty anchor slots) are dropped."""
-    return _rows(lambda x, i, u: x.at[i].add(u, mode="drop"), x_BT, idx_BA, upd_BA)
 
 
 def _flat(info: masks.TokenInfo) -> masks.TokenInfo:
@@ -267,21 +242,6 @@ def _split_heads(q, K):
     return q.reshape(B, T, K, N // K, H)
 
 
-def _front(x, rows: int, value=0):
-    return jnp.pad(x, [(0, 0), (rows, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-
-
-def _front_info(info: masks.TokenInfo, rows: int) -> masks.TokenInfo:
-    """Info of `rows` invalid positions before the row (the window of the first blocks reaches there)."""
-    return masks.TokenInfo(
-        order=_front(info.order, rows, -1),
-        seg=_front(info.seg, rows, -1),
-        anchor=_front(info.anchor, rows, False),
-        valid=_front(info.valid, rows, False),
-        doc=_front(info.doc, rows, -1),
-    )
-
-
 def _windows(x_range, n: int, n_prev: int):
     """Range [B, (n + n_prev) * C, ...] -> per-block windows [B, n, (n_prev + 1) * C, ...]."""
     B, R = x_range.shape[:2]
@@ -318,9 +278,9 @@ def _windowed_fwd(q, k, v, info, C: int, n: int, capacity: int, n_prev: int):
     B, Tp, N, H = q.shape
     K = k.shape[2]
     n_chunks = Tp // (n * C)
-    ka, va, ia, _ = _gather_anchors(k, v, info, capacity)
+    ka, va, ia, _ = anchor_rows.gather_anchors(k, v, info, capacity)
     front = n_prev * C
-    kf, vf, info_f = _front(k, front), _front(v, front), _front_info(info, front)
+    kf, vf, info_f = anchor_rows.front(k, front), anchor_rows.front(v, front), anchor_rows.front_info(info, front)
     xs = (jnp.arange(n_chunks), _chunks(_split_heads(q, K), n_chunks, n, C), _chunks_info(info, n_chunks, n, C))
 
     def step(_, x):
@@ -337,9 +297,9 @@ def _windowed_bwd(q, k, v, info, lse, do, C: int, n: int, capacity: int, n_prev:
     B, Tp, N, H = q.shape
     K = k.shape[2]
     n_chunks = Tp // (n * C)
-    ka, va, ia, idx_BA = _gather_anchors(k, v, info, capacity)
+    ka, va, ia, idx_BA = anchor_rows.gather_anchors(k, v, info, capacity)
     front = n_prev * C
-    kf, vf, info_f = _front(k, front), _front(v, front), _front_info(info, front)
+    kf, vf, info_f = anchor_rows.front(k, front), anchor_rows.front(v, front), anchor_rows.front_info(info, front)
     xs = (
         jnp.arange(n_chunks),
         _chunks(_split_heads(q, K), n_chunks, n, C),
@@ -366,8 +326,8 @@ def _windowed_bwd(q, k, v, info, lse, do, C: int, n: int, capacity: int, n_prev:
         return (add_range(dkf, dkw), add_range(dvf, dvw), dka + dks, dva + dvs), dq
 
     (dkf, dvf, dka, dva), dq = jax.lax.scan(step, (zeros_f, zeros_f, zeros_a, zeros_a), xs)
-    dk = scatter_add_rows(dkf[:, front:], idx_BA, dka)
-    dv = scatter_add_rows(dvf[:, front:], idx_BA, dva)
+    dk = anchor_rows.scatter_add_rows(dkf[:, front:], idx_BA, dka)
+    dv = anchor_rows.scatter_add_rows(dvf[:, front:], idx_BA, dva)
     return _unchunk(dq).reshape(B, Tp, N, H), dk, dv
 
 

@@ -20,8 +20,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import NamedSharding, PartitionSpec
 
-from anllm_jax import anchor_attention as aa
-from anllm_jax import masks
+from anllm_jax import anchor_rows, masks
 
 ANCHOR_BLOCK = 64
 # Query/key tile lengths (each divides the block length C): the forward tiles like flash attention's forward,
@@ -100,8 +99,8 @@ def _int_fields(info: masks.TokenInfo) -> list[jax.Array]:
 def _setup(k, v, info: masks.TokenInfo, C: int, capacity: int, tile: int):
     """Gathered anchors, front-padded keys, and the anchor tiles each query tile needs (those before its end)."""
     slots = -(-capacity // ANCHOR_BLOCK) * ANCHOR_BLOCK
-    ka, va, ia, idx_BA = aa._gather_anchors(k, v, info, slots)
-    kf, vf, info_f = aa._front(k, C), aa._front(v, C), aa._front_info(info, C)
+    ka, va, ia, idx_BA = anchor_rows.gather_anchors(k, v, info, slots)
+    kf, vf, info_f = anchor_rows.front(k, C), anchor_rows.front(v, C), anchor_rows.front_info(info, C)
     is_a = (info.anchor & info.valid).astype(jnp.int32)
     before_end = jnp.cumsum(is_a, axis=1)[:, tile - 1 :: tile]
     n_blocks = (-(-jnp.minimum(before_end, slots) // ANCHOR_BLOCK)).astype(jnp.int32)
@@ -360,4 +359,4 @@ def windowed_bwd(q, k, v, info: masks.TokenInfo, o, lse, do, *, C: int, capacity
     first = idx_BA[:, ::ANCHOR_BLOCK] // tile
     last = jnp.full((B, na), n_tiles)
     dka, dva = dkv(first, last, ka, va, a_info, ANCHOR_BLOCK, False, "anchor_attention_dkv_anchors")
-    return dq, aa.scatter_add_rows(dk, idx_BA, dka), aa.scatter_add_rows(dv, idx_BA, dva)
+    return dq, anchor_rows.scatter_add_rows(dk, idx_BA, dka), anchor_rows.scatter_add_rows(dv, idx_BA, dva)
