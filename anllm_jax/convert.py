@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from anllm_jax import checkpoints
+from anllm_jax import checkpoints, formats, records
 from anllm_jax.config import ANCHOR_MODES
 
 
@@ -26,7 +26,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help='HF model directory, .gguf file, native checkpoint directory, or "smollm2" (the packaged SmolLM2-135M)',
     )
-    p.add_argument("--output", required=True, help="output directory (replaced atomically if it exists)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="output directory: new, empty, or a checkpoint of the --to format (replaced atomically once the new one "
+        "is whole); anything else needs --overwrite",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output that is not a checkpoint")
     p.add_argument("--to", required=True, choices=("native", "hf"), help="native: orbax + config.json; hf: safetensors")
     p.add_argument(
         "--anchor-mode",
@@ -58,21 +64,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        convert(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        print(f"anllm_jax.convert: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def convert(args: argparse.Namespace) -> None:
+    own = checkpoints.is_native if args.to == "native" else formats.is_hf
+    records.check_output_dir(args.output, own, args.overwrite)  # before minutes of loading
     overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
     start = time.perf_counter()
     model, tokenizer = checkpoints.load(args.input, **overrides)
     print(f"loaded {args.input} in {time.perf_counter() - start:.1f} s: {model.cfg.num_params():,} parameters")
     if args.anchor_mode is not None:
         if tokenizer is None:
-            sys.exit(f"--anchor-mode needs a tokenizer, and {args.input} has none (no tokenizer.json/tokenizer.model)")
+            raise ValueError(f"--anchor-mode needs a tokenizer, and {args.input} has none (no tokenizer.json/.model)")
         model, tokenizer = checkpoints.set_anchor_mode(
             model, tokenizer, args.anchor_mode, tuple(args.ep_strings), args.ac_init
         )
         print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}")
     if args.to == "native":
-        checkpoints.save(model, tokenizer, args.output)
+        checkpoints.save(model, tokenizer, args.output, args.overwrite)
     else:
-        checkpoints.export_hf(model, tokenizer, args.output)
+        formats.export_hf(model, tokenizer, args.output, args.overwrite)
     print(f"wrote {args.to} checkpoint to {args.output}")
 
 

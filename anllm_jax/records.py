@@ -1,16 +1,21 @@
-"""What every result file carries and how it is written: the git commit, the hardware, and atomic writes, so that a
-run stopped mid-write leaves the previous file whole rather than a truncated one."""
+"""What every result file carries and how it is written: the git commit, the hardware, and atomic writes of files
+and folders, so that a run stopped mid-write leaves the previous output whole rather than a truncated one, and no
+writer replaces a folder it did not make."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import subprocess
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def commit() -> str:
@@ -49,3 +54,52 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent))
+
+
+def check_output_dir(directory: str | Path, own: Callable[[Path], bool], overwrite: bool = False) -> None:
+    """Refuse, before any work, to replace what this writer did not make: an existing non-empty `directory` is
+    replaced only when `own(directory)` recognises it as this writer's kind of output, or with `overwrite`; never
+    the current folder or one of its parents."""
+    path = Path(directory).absolute()
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ValueError(f"{directory} is the current folder or one that holds it; write into a new folder")
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())) or own(path):
+        return
+    if not path.is_dir():
+        raise ValueError(f"{directory} is a file, not a folder; pass a new folder")
+    if not overwrite:
+        raise ValueError(
+            f"{directory} is not empty and holds something other than this command's output; pass a new or empty "
+            "folder, or --overwrite to replace it"
+        )
+
+
+def replace_dir(
+    directory: str | Path, write: Callable[[str], None], own: Callable[[Path], bool], overwrite: bool = False
+) -> None:
+    """Write a folder atomically: `write(tmp)` fills a sibling temporary folder, which then takes the place of
+    `directory`; an existing one goes only once the new one is whole (see `check_output_dir` for what may go)."""
+    check_output_dir(directory, own, overwrite)
+    directory = os.path.abspath(directory)
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = f"{directory}.tmp-{tag}"
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(directory):
+        old = f"{directory}.old-{tag}"
+        os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, directory)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every array of a pytree (parameters, optimizer state) is finite: nothing non-finite is ever saved."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves)) if leaves else True

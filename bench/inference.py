@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from anllm_jax import checkpoints, kvcache, records  # noqa: E402
+from anllm_jax import checkpoints, formats, kvcache, records  # noqa: E402
 from anllm_jax import generate as gen_lib  # noqa: E402
 from anllm_jax.config import preset  # noqa: E402
 from anllm_jax.model import Llama, init_model  # noqa: E402
@@ -100,7 +100,7 @@ def bench_hf(model: Llama, T: int, args) -> dict | None:
         return None
     c = model.cfg
     hf_cfg = transformers.LlamaConfig(
-        **checkpoints.hf_config(c.replace(max_seq_len=T + args.decode_tokens + 8)), attn_implementation="sdpa"
+        **formats.hf_config(c.replace(max_seq_len=T + args.decode_tokens + 8)), attn_implementation="sdpa"
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32

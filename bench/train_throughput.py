@@ -39,7 +39,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from anllm_jax import checkpoints, config, data, records, sharding, trainstate, trainstep  # noqa: E402
+from anllm_jax import config, data, formats, records, sharding, trainstate, trainstep  # noqa: E402
 from anllm_jax.config import MeshConfig, OptimizerConfig  # noqa: E402
 from anllm_jax.model import Llama  # noqa: E402
 
@@ -58,7 +58,7 @@ def run_torch_case(model: str, overrides: dict, seq: int, batch: int, steps: int
     mcfg = config.preset(model, **overrides)
     if mcfg.dtype != "float32":
         raise ValueError("the torch peer runs float32 only (CPU)")
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**checkpoints.hf_config(mcfg)))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**formats.hf_config(mcfg)))
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     rows = data.SyntheticIterator(mcfg.vocab_size, (ANCHOR,), seq, batch)

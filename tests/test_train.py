@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,6 +343,22 @@ def test_job_on_a_prepared_corpus_with_ac_anchors(tmp_path):
     assert model.cfg.anchor_mode == "ac" and model.cfg.anchor_ids == (32000,) and tokenizer.anchor_ids("ac") == (32000,)
     _, state = trainstate.restore_train_state(run, sharding.make_mesh(MeshConfig(), jax.devices()[:1]))
     np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(state["params"]["embed"]))
+    # Every CLI's --checkpoint takes the run directory (its exported model) or a step directory (that step's
+    # parameters with the run's model config and tokenizer); without an export, the run's newest step.
+    step_dir = run / "checkpoints" / "3"
+    for path in (run, step_dir):
+        loaded, tok = checkpoints.load(str(path))
+        assert loaded.cfg == model.cfg and tok.anchor_ids("ac") == (32000,)
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
+    shutil.rmtree(run / "model")
+    assert checkpoints.load(str(run))[0].cfg == model.cfg
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "anllm_jax.eval", "--checkpoint", str(step_dir), "--tasks", "winogrande"]
+    cmd += ["--limit", "2", "--mode", "full,anchor-cache", "--output", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=fast_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["checkpoint"] == str(step_dir) and result["results"]["0"]["winogrande"]["n"] == 2
 
 
 @pytest.mark.parametrize("mode", ["ep", "ac"])
