@@ -92,8 +92,7 @@ def save(model: Llama, tokenizer: Tokenizer | None, directory: str, overwrite: b
 def _load_native(directory: str, overrides: dict[str, Any]) -> tuple[Llama, Tokenizer | None]:
     import orbax.checkpoint as ocp
 
-    with open(os.path.join(directory, "config.json")) as f:
-        saved = ModelConfig.from_dict(json.load(f))
+    saved = ModelConfig.from_dict(records.read_json(os.path.join(directory, "config.json")))
     cfg = saved.replace(**overrides)
     abstract = nnx.eval_shape(lambda: Llama(saved, rngs=nnx.Rngs(0)))
     _, state = nnx.split(abstract)
@@ -114,8 +113,7 @@ def _load_step(step_dir: str, run_dir: str, overrides: dict[str, Any]) -> tuple[
     """The parameters of one committed training step (a partial restore: the optimizer state stays on disk)."""
     import orbax.checkpoint as ocp
 
-    with open(os.path.join(run_dir, RUN_MODEL_CONFIG)) as f:
-        saved = ModelConfig.from_dict(json.load(f))
+    saved = ModelConfig.from_dict(records.read_json(os.path.join(run_dir, RUN_MODEL_CONFIG)))
     abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Llama(saved, rngs=nnx.Rngs(0))), nnx.Param)[1])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     item = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)}

@@ -327,6 +327,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class GuardConfig:
+    """Stops a diverging run before it saves anything. Non-finite losses, parameters or optimizer state always
+    stop it; besides: `zero_grad_steps` consecutive steps with a gradient norm of exactly 0 (a dead model; 0
+    disables), and a loss above `spike_factor` times the median of the previous `spike_window` steps (0 disables).
+    """
+
+    zero_grad_steps: int = 5
+    spike_factor: float = 5.0
+    spike_window: int = 20
+
+
+@dataclasses.dataclass
 class ProfileConfig:
     """A jax.profiler trace (XProf / TensorBoard / Perfetto) of `steps` optimizer steps from step `first_step`
     (1-based, as logged; pick one after compilation), written by the first process to <run dir>/profile."""
@@ -345,6 +357,9 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the global batch is split into this many micro-batches
     log_every: int = 10
     dataset_type: str = "corpus"  # corpus (anllm_jax.data) | synthetic (random tokens, for benchmarks and tests)
+    # A resumed run refuses settings that change its data stream (RESUME_KEYS) unless this is set; the data
+    # iterator then starts afresh instead of continuing from the checkpoint's position.
+    resume_with_new_data: bool = False
     # Weights-only start (fresh optimizer) when the run has no checkpoint yet: HF dir, GGUF file or native
     # checkpoint; "smollm2" names the packaged SmolLM2-135M GGUF.
     load_parameters_path: str | None = None
@@ -355,6 +370,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
@@ -364,6 +380,12 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "micro_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        g = self.guard
+        if g.zero_grad_steps < 0 or g.spike_factor < 0 or (g.spike_factor and g.spike_window < 1):
+            raise ValueError(
+                f"guard: zero_grad_steps={g.zero_grad_steps} and spike_factor={g.spike_factor} must be >= 0 "
+                f"(0 disables), spike_window={g.spike_window} >= 1"
+            )
         if self.eval.every_steps < 0:
             raise ValueError(f"eval.every_steps={self.eval.every_steps} must be >= 0 (0: only before and after)")
         if self.profile.steps < 0 or (self.profile.steps and self.profile.first_step < 1):
@@ -387,6 +409,11 @@ class TrainConfig:
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+# Settings that decide which rows a run reads in which order: a resume must keep them (resume_with_new_data).
+RESUME_KEYS = (
+    "dataset_type", "global_batch_size", "seed", "data.path", "data.split", "data.anchor_mode", "data.seq_len",
+    "data.packing", "data.shuffle", "data.shuffle_seed", "data.add_bos", "data.split_by",
+)  # fmt: skip
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -517,7 +544,13 @@ def load_train_config(path: str | None, overrides: list[str] | tuple[str, ...] =
         if not os.path.exists(path):
             raise FileNotFoundError(f"config file {path} does not exist; pass --config configs/<name>.yaml")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ValueError(f"config file {path} is not valid YAML{where}: {problem}; fix the file") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path} must hold a YAML mapping at the top level")
     return train_config_from_dict(_merge(raw, parse_overrides(overrides)))

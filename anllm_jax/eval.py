@@ -622,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         check_shots(names, shots)
+        records.check_writable(args.output, "--output")  # before the scoring, not after it
         if args.dtype == "float64":  # a numerical reference run: without x64, JAX would compute in float32
             jax.config.update("jax_enable_x64", True)
         model, tokenizer = _load(args.checkpoint, args.dtype)
@@ -649,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.resume,
         )
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"anllm_jax.eval: error: {e}", file=sys.stderr)
         return 2
     out = write_outputs(results, lls, args.output)
     print(markdown_table(results))

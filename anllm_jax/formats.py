@@ -182,8 +182,7 @@ def _dedicated_pad(pad: int | None, bos: int | None, eos: int | None) -> int | N
 
 def _hf_config(directory: str, overrides: dict[str, Any]) -> ModelConfig:
     path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        c = json.load(f)
+    c = records.read_json(path)
     archs = c.get("architectures") or [c.get("model_type", "?")]
     if archs[0] not in ("LlamaForCausalLM", "llama") or c.get("model_type", "llama") != "llama":
         raise ValueError(

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 import warnings
@@ -542,11 +543,13 @@ def read_prompts(path: str) -> list[dict]:
     """Prompts of a file: JSON lines with a "prompt" key (other keys are kept and echoed back), or else one
     prompt per non-empty line of plain text."""
     try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except FileNotFoundError:
         raise ValueError(
             f"prompt file {path} does not exist; pass a text file (one prompt per line) or JSONL"
         ) from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not path.endswith((".jsonl", ".json")):
         return [{"prompt": line} for line in lines]
     records = []
@@ -599,15 +602,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    records = read_prompts(args.prompt_file) if args.prompt_file else [{"prompt": args.prompt}]
-    if not records:
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("--prompt holds bytes that are not UTF-8 text; pass UTF-8 text") from None
+    requests = read_prompts(args.prompt_file) if args.prompt_file else [{"prompt": args.prompt}]
+    if not requests:
         raise ValueError(f"{args.prompt_file} holds no prompts")
 
-    from anllm_jax import anchors, checkpoints
+    from anllm_jax import anchors, checkpoints, records
 
     model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
+    if not records.all_finite(nnx.state(model, nnx.Param)):
+        raise ValueError(f"{args.checkpoint} has non-finite (NaN/Inf) parameters; use an earlier checkpoint")
     if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
         model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     anchor_mode = model.cfg.anchor_mode
@@ -616,9 +626,13 @@ def _cli(args: argparse.Namespace) -> int:
     per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
     anchor_ids = list(mask_anchor_ids(model.cfg))
     kept = full = 0
-    for lo in range(0, len(records), args.batch_size):
-        batch = records[lo : lo + args.batch_size]
+    for lo in range(0, len(requests), args.batch_size):
+        batch = requests[lo : lo + args.batch_size]
         prompts = [anchors.encode_prompt(r["prompt"], tokenizer, anchor_mode, add_bos=args.add_bos) for r in batch]
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                where = "--prompt" if args.prompt is not None else f"prompt {lo + i + 1} of {args.prompt_file}"
+                raise ValueError(f"{where} is empty; give it some text (or --add-bos to start from BOS alone)")
         gen = generate(
             model,
             prompts,
@@ -643,7 +657,7 @@ def _cli(args: argparse.Namespace) -> int:
                 **record,
                 "text": gen.text[b],
                 "tokens": gen.tokens[b],
-                "logprobs": gen.logprobs[b],
+                "logprobs": [lp if math.isfinite(lp) else None for lp in gen.logprobs[b]],
                 "finish_reason": gen.finish_reason[b],
                 "cache": policy,
                 "anchor_mode": anchor_mode,
@@ -658,9 +672,9 @@ def _cli(args: argparse.Namespace) -> int:
                 "prefill_s": gen.stats["prefill_s"],
                 "decode_s": gen.stats["decode_s"],
             }
-            print(json.dumps(out) if args.json or args.prompt_file else out["text"], flush=True)
+            print(json.dumps(out, allow_nan=False) if args.json or args.prompt_file else out["text"], flush=True)
     print(
-        f"\n[cache {policy}, anchor mode {anchor_mode}, {len(records)} prompt(s)] entries kept {kept} of {full} "
+        f"\n[cache {policy}, anchor mode {anchor_mode}, {len(requests)} prompt(s)] entries kept {kept} of {full} "
         f"({kept * per:,} of {full * per:,} bytes, reduction {1.0 - kept / full:.1%})"
         + ("" if args.prompt_file else f"; prefill {out['prefill_s']:.2f}s, decode {out['decode_s']:.2f}s"),
         file=sys.stderr,

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def commit() -> str:
@@ -100,6 +101,30 @@ def replace_dir(
 
 
 def all_finite(tree: Any) -> bool:
-    """Whether every array of a pytree (parameters, optimizer state) is finite: nothing non-finite is ever saved."""
+    """Whether every floating-point array of a pytree held by this process is finite: nothing non-finite is ever
+    written."""
     leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))(leaves)) if leaves else True
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a truncated or corrupt file is a one-line error that names it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); it is truncated or corrupt") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; it is corrupt") from None
+
+
+def check_writable(directory: str | Path, what: str) -> None:
+    """Before any expensive work: `directory` can be made and written into (a probe file is written and removed)."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{what} {directory} is not writable ({e.strerror}); choose another folder") from None

@@ -13,12 +13,14 @@ eval.jsonl, tensorboard/ and loss.png. Start order: the run's latest checkpoint,
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import zlib
@@ -32,8 +34,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from anllm_jax import checkpoints, data, sharding, trainlog, trainstate, trainstep
-from anllm_jax.config import ModelConfig, TrainConfig, load_train_config, preset
+from anllm_jax import checkpoints, data, records, sharding, trainlog, trainstate, trainstep
+from anllm_jax.config import RESUME_KEYS, GuardConfig, ModelConfig, TrainConfig, load_train_config, preset
 from anllm_jax.model import Llama
 from anllm_jax.tokenizer import AC_TOKEN, Tokenizer
 
@@ -187,6 +189,7 @@ class Job:
     eval_fn: Any
     eval_batches: list[dict[str, jax.Array]] | None
     last_saved: int | None
+    guard: Guard
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     sigterm: bool = False
@@ -202,26 +205,56 @@ def _check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, rules: Any) -> None:
         )
 
 
-def _start_run_dir(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> tuple[ModelConfig, Any, Any]:
-    """(model config, host parameters or None, tokenizer): the run's own on resume, else built from the config;
-    the first process writes config.yaml (and, for a new run, the model config and tokenizer)."""
+def _setting(cfg: TrainConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _resumes_data(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Whether the data iterator goes on from the checkpoint's position: the settings that decide the data stream
+    must be those of the run's previous invocation; `resume_with_new_data` accepts a change and restarts the
+    stream (the weights and optimizer still resume)."""
+    old = load_train_config(str(run_dir / "config.yaml"))
+    differ = [
+        f"{k} {_setting(old, k)!r} -> {_setting(cfg, k)!r}" for k in RESUME_KEYS if _setting(old, k) != _setting(cfg, k)
+    ]
+    if not differ:
+        return True
+    if cfg.resume_with_new_data:
+        log.warning("resuming %s with changed data settings (%s): the data stream starts afresh", run_dir, differ)
+        return False
+    raise ValueError(
+        f"{run_dir} resumes with other data settings ({'; '.join(differ)}), which would not continue its data "
+        "stream; restore them, pass resume_with_new_data=true to keep the weights and restart the data, or pick "
+        "another run_name"
+    )
+
+
+def _start_run_dir(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> tuple[ModelConfig, Any, Any, bool]:
+    """(model config, host parameters or None, tokenizer, whether the data iterator resumes): the run's own on
+    resume, else built from the config; the first process writes config.yaml (and, for a new run, the model
+    config and tokenizer)."""
+    resume_data = False
     if resume_step is not None:
-        mcfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
+        resume_data = _resumes_data(cfg, run_dir)
+        mcfg = ModelConfig.from_dict(records.read_json(run_dir / "model_config.json"))
         tokenizer = Tokenizer.load(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
         host_params = None
     else:
         mcfg, host_params, tokenizer = build_model(cfg)
+    multihost_utils.sync_global_devices("run_dir checked")  # every process read the old config.yaml
     if jax.process_index() == 0:
         # config.yaml follows the latest invocation (a resume may extend `steps`); the model and tokenizer are
         # fixed when the run starts.
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if resume_step is None:
             (run_dir / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=1))
             if tokenizer is not None:
                 tokenizer.save(str(run_dir / "tokenizer"))
     multihost_utils.sync_global_devices("run_dir")
-    return mcfg, host_params, tokenizer
+    return mcfg, host_params, tokenizer, resume_data
 
 
 def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Job:
@@ -231,11 +264,20 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Job:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.axis_rules(cfg.mesh)
     _check_batch(cfg, mesh, rules)
+    records.check_writable(run_dir, "output_dir/run_name")
     if cfg.dataset_type == "corpus":
         _ensure_corpus(cfg)
     ckpt = trainstate.Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    try:
+        return _build_job(cfg, run_dir, mesh, rules, ckpt)
+    except BaseException:
+        ckpt.close()  # an open orbax manager would print its threads' shutdown tracebacks after the error
+        raise
+
+
+def _build_job(cfg: TrainConfig, run_dir: Path, mesh: jax.sharding.Mesh, rules: Any, ckpt: Any) -> Job:
     resume_step = ckpt.latest_step()
-    mcfg, host_params, tokenizer = _start_run_dir(cfg, run_dir, resume_step)
+    mcfg, host_params, tokenizer, resume_data = _start_run_dir(cfg, run_dir, resume_step)
 
     tx = trainstep.make_optimizer(cfg.optimizer, cfg.steps)
     abstract = trainstate.abstract_state(mcfg, tx, mesh, rules)
@@ -252,7 +294,7 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Job:
     seq_len = cfg.data.seq_len
     b_shard = sharding.batch_sharding(mesh, rules)
     iterator = _make_iterator(cfg, mcfg, tokenizer, *sharding.process_rows(b_shard, cfg.global_batch_size, seq_len))
-    if data_state is not None:
+    if data_state is not None and resume_data:
         iterator.set_state(data_state)
     t0 = time.time()
     compiled = trainstep.compile_step(
@@ -274,7 +316,7 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Job:
     )  # fmt: skip
     return Job(
         cfg, run_dir, mcfg, tokenizer, graphdef, state, iterator, compiled, b_shard, ckpt, runlog, eval_fn,
-        eval_batches, resume_step,
+        eval_batches, resume_step, Guard(cfg.guard, mcfg.vocab_size),
     )  # fmt: skip
 
 
@@ -289,24 +331,62 @@ def evaluate(job: Job, step_no: int, when: str) -> dict[str, float]:
     return ppl
 
 
+class Guard:
+    """Decides, step by step, whether the run has diverged (GuardConfig): a non-finite loss or state, a gradient
+    norm of exactly 0 for several steps, or a loss spike against the recent median."""
+
+    def __init__(self, cfg: GuardConfig, vocab_size: int) -> None:
+        self.cfg, self.ln_vocab = cfg, math.log(vocab_size)
+        self.recent: collections.deque[float] = collections.deque(maxlen=cfg.spike_window)
+        self.zero_grads = 0
+
+    def problem(self, row: dict[str, Any]) -> str | None:
+        loss, c = row["loss"], self.cfg
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if row["finite"] < 1:
+            return "the parameters or the optimizer state hold NaN or Inf after the update"
+        self.zero_grads = self.zero_grads + 1 if row["grad_norm"] == 0 else 0
+        if c.zero_grad_steps and self.zero_grads >= c.zero_grad_steps:
+            return (
+                f"the gradient norm has been 0 for {self.zero_grads} steps (loss {loss:.4f}; ln(vocab) "
+                f"{self.ln_vocab:.4f} is a uniform guess), so the model no longer learns (guard.zero_grad_steps)"
+            )
+        if c.spike_factor and len(self.recent) == c.spike_window:
+            median = statistics.median(self.recent)
+            if loss > c.spike_factor * median:
+                return (
+                    f"loss {loss:.4f} is {loss / median:.1f}x the median {median:.4f} of the previous "
+                    f"{c.spike_window} steps (guard.spike_factor={c.spike_factor:g})"
+                )
+        self.recent.append(loss)
+        return None
+
+
+def _stop_diverged(job: Job, problem: str, step_no: int) -> None:
+    job.ckpt.wait()  # the last good checkpoint is whole before the error names it
+    lower = f"optimizer.lr={job.cfg.optimizer.lr / 10:g}"
+    if job.last_saved:
+        advice = (
+            f"the last good checkpoint is step {job.last_saved} in {job.run_dir / 'checkpoints'}: rerun the same "
+            f"command with a lower learning rate (e.g. {lower}) to resume from it"
+        )
+    else:
+        advice = f"no checkpoint was written: start again with a lower learning rate (e.g. {lower})"
+    raise FloatingPointError(f"{problem} at step {step_no}; stopped without saving it; {advice}")
+
+
 def _record(job: Job, pending: list[tuple[int, dict[str, jax.Array], int]], keep_last: int) -> None:
     """Read back and record the metrics of finished steps, leaving the newest `keep_last` in flight (reading a
-    step's metrics waits for it, so the next step is dispatched first). A non-finite loss stops the run."""
+    step's metrics waits for it, so the next step is dispatched first). A diverged step stops the run before its
+    state can be saved: checkpoints are written only after their step's metrics passed the guard."""
     while len(pending) > keep_last:
         step_no, m, batch_hash = pending.pop(0)
         row = {k: float(sharding.host_value(v)) for k, v in m.items()}
         row.update(step=step_no, batch_crc=batch_hash, time=time.time())
-        if not math.isfinite(row["loss"]):
-            job.ckpt.wait()
-            kept = (
-                f"the last good checkpoint is step {job.last_saved} in {job.run_dir / 'checkpoints'}"
-                if job.last_saved
-                else "no checkpoint was written"
-            )
-            raise FloatingPointError(
-                f"loss is {row['loss']} at step {step_no}; stopped without saving ({kept}); "
-                "lower optimizer.lr or check the data"
-            )
+        problem = job.guard.problem(row)
+        if problem is not None:
+            _stop_diverged(job, problem, step_no)
         job.history.append(row)
         job.runlog.step(row)
 

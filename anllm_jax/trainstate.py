@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from anllm_jax import sharding
+from anllm_jax import records, sharding
 from anllm_jax.config import ModelConfig, load_train_config
 from anllm_jax.model import Llama
 from anllm_jax.trainstep import make_optimizer
@@ -145,7 +145,7 @@ def restore_train_state(
     """(model config, train state {step, params, opt_state}) of a run's checkpoint, on any mesh and process count."""
     run_dir = Path(run_dir)
     cfg = load_train_config(str(run_dir / "config.yaml"))
-    mcfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
+    mcfg = ModelConfig.from_dict(records.read_json(run_dir / "model_config.json"))
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     shardings = abstract_state(mcfg, make_optimizer(cfg.optimizer, cfg.steps), mesh, sharding.axis_rules(cfg.mesh))
     ckpt = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), item_names=("state", "data"))

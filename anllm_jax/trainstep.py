@@ -181,10 +181,19 @@ def make_train_step(
             "real_tokens": real.sum(),
             "anchors": (masks.is_anchor(tokens, anchor_ids) & real).sum(),
         }
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        new_params = optax.apply_updates(params, updates)
+        # Read back with the loss, so that a state with a NaN or Inf anywhere is never checkpointed or exported.
+        metrics["finite"] = all_finite((new_params, opt_state))
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         return new_state, metrics
 
     return step
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool scalar: every floating-point entry of the pytree is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mcfg: ModelConfig) -> Callable[..., dict[str, jax.Array]]:

@@ -208,7 +208,7 @@ def test_cli_errors(capsys, args, message):
 def test_cli_missing_checkpoint(capsys):
     assert ev.main(["--checkpoint", "/nonexistent/model.gguf", "--tasks", "boolq", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "does not exist" in err and len(err.splitlines()) == 1
+    assert err.startswith("anllm_jax.eval: error: ") and "does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_cli_writes_reports(tmp_path, monkeypatch, capsys, ep_model):
@@ -272,3 +272,10 @@ def test_parse_shots_and_modes():
     assert ev.parse_modes("ansan, full,ansan") == ["ansan", "full"]
     with pytest.raises(ValueError, match="must hold integers >= 0"):
         ev.parse_shots("-1")
+
+
+def test_cli_checks_its_output_folder_before_scoring(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert ev.main(["--checkpoint", "/nonexistent", "--tasks", "boolq", "--output", str(tmp_path / "a_file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--output {tmp_path / 'a_file'} is not writable" in err and len(err.splitlines()) == 1

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -339,3 +341,56 @@ def test_read_prompts_formats_and_errors(tmp_path):
         gen_lib.read_prompts(str(bad))
     with pytest.raises(ValueError, match="does not exist"):
         gen_lib.read_prompts(str(tmp_path / "missing.txt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_native(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny sentencepiece model saved natively, and a copy whose weights hold a NaN (written with orbax
+    directly: checkpoints.save refuses such a model)."""
+    import importlib.util
+
+    import orbax.checkpoint as ocp
+
+    from anllm_jax import checkpoints
+    from anllm_jax.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("native")
+    sp = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+    tok = Tokenizer.from_sentencepiece(str(sp))
+    model = init_model(preset("tiny", vocab_size=tok.vocab_size, dtype="float32"), seed=0)
+    checkpoints.save(model, tok, str(root / "good"))
+    shutil.copytree(root / "good", root / "nan", ignore=shutil.ignore_patterns("params"))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["final_norm"] = params["final_norm"] * np.nan
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(str(root / "nan" / "params"), params)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    return root / "good", root / "nan"
+
+
+def _gen_error(capsys, *args: str) -> str:
+    assert gen_lib.main([*args, "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anllm_jax.generate: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_generate_cli_bad_input_is_one_line(tiny_native, tmp_path, capsys):
+    good, nan = tiny_native
+    assert "--prompt is empty" in _gen_error(capsys, "--checkpoint", str(good), "--prompt", "")
+    assert "not UTF-8 text" in _gen_error(capsys, "--checkpoint", str(good), "--prompt", "caf\udce9")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    assert f"prompt file {latin} is not UTF-8 text (byte 3)" in _gen_error(
+        capsys, "--checkpoint", str(good), "--prompt-file", str(latin)
+    )
+    assert "non-finite (NaN/Inf) parameters" in _gen_error(capsys, "--checkpoint", str(nan), "--prompt", "Hi there")
+    (good.parent / "broken").mkdir()
+    (good.parent / "broken" / "config.json").write_text('{"vocab_size": 32')
+    (good.parent / "broken" / "params").mkdir()
+    msg = _gen_error(capsys, "--checkpoint", str(good.parent / "broken"), "--prompt", "Hi")
+    assert "broken/config.json is not valid JSON" in msg and "truncated or corrupt" in msg
+    assert gen_lib.main(["--checkpoint", str(good), "--prompt", "Hi there", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert len(out["tokens"]) == 2 and all(isinstance(x, float) for x in out["logprobs"])

@@ -149,25 +149,82 @@ def run_job(tmp_path: Path, raw: dict) -> subprocess.CompletedProcess:
     )
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if "error" in line]
+
+
+def test_divergence_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_path):
     raw = tiny_config(
         tmp_path,
         "nan",
         optimizer={"lr": 1e30, "warmup_steps": 1, "grad_clip": 0.0},
-        checkpoint={"every_steps": 1, "keep": 3, "async_save": False},
+        checkpoint={"every_steps": 1, "keep": 1, "async_save": False},
     )
     proc = run_job(tmp_path, raw)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and re.match(r"anllm_jax.train: error: loss is (nan|inf) at step \d+;", errors[0]), errors
+    errors = _errors(proc)
+    problem = r"(loss is (nan|inf)|the parameters or the optimizer state hold NaN or Inf after the update)"
+    assert len(errors) == 1 and re.match(rf"anllm_jax.train: error: {problem} at step \d+;", errors[0]), errors
     msg = errors[0]
-    assert "stopped without saving" in msg
     bad_step = int(msg.split(" at step ")[1].split(";")[0])
-    assert bad_step > 1 and f"the last good checkpoint is step {bad_step - 1}" in msg
+    assert bad_step > 1 and f"the last good checkpoint is step {bad_step - 1} in " in msg
+    assert "stopped without saving" in msg and "optimizer.lr=1e+29" in msg
+    # keep=1: the good checkpoint was not pruned for a bad one, and it holds finite weights.
     steps = sorted(int(p.name) for p in (tmp_path / "runs/nan/checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == bad_step - 1
+    assert steps == [bad_step - 1]
+    _, state = trainstate.restore_train_state(
+        tmp_path / "runs/nan", sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+    )
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     rows = [json.loads(line) for line in (tmp_path / "runs/nan/metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] == bad_step - 1
+    assert all(np.isfinite(r["loss"]) and r["finite"] == 1 for r in rows) and rows[-1]["step"] == bad_step - 1
+
+
+def test_a_nan_learning_rate_saves_and_exports_nothing(tmp_path):
+    """lr=nan: the first step's loss is finite (it is computed before the update), its weights are not."""
+    raw = tiny_config(
+        tmp_path, "nanlr", steps=1, optimizer={"lr": float("nan"), "warmup_steps": 1},
+        checkpoint={"every_steps": 1, "keep": 1, "export_model": True},
+    )  # fmt: skip
+    proc = run_job(tmp_path, raw)
+    assert proc.returncode == 1
+    (msg,) = _errors(proc)
+    assert "hold NaN or Inf after the update at step 1" in msg and "no checkpoint was written" in msg
+    run = tmp_path / "runs/nanlr"
+    assert not (run / "model").exists() and not any(p.name.isdigit() for p in (run / "checkpoints").iterdir())
+
+
+def test_guard_stops_dead_and_spiking_runs():
+    """The divergence rules, step by step: zero gradients for N steps, and a loss spike over the recent median."""
+    g = train.Guard(config.GuardConfig(zero_grad_steps=3, spike_factor=5.0, spike_window=4), vocab_size=256)
+    row = {"loss": 5.545, "finite": 1.0, "grad_norm": 0.0}
+    assert g.problem(row) is None and g.problem(row) is None
+    assert "gradient norm has been 0 for 3 steps" in g.problem(row) and "ln(vocab) 5.5452" in g.problem(row)
+    g = train.Guard(config.GuardConfig(zero_grad_steps=0, spike_factor=5.0, spike_window=4), vocab_size=256)
+    for loss in (2.0, 2.2, 1.9, 2.1, 9.0):  # 9.0 < 5 x median(2.0, 2.2, 1.9, 2.1): not a spike
+        assert g.problem({"loss": loss, "finite": 1.0, "grad_norm": 0.0}) is None
+    assert "is 5.6x the median 2.1500 of the previous 4 steps" in g.problem(
+        {"loss": 12.0, "finite": 1.0, "grad_norm": 1.0}
+    )
+    assert g.problem({"loss": float("nan"), "finite": 1.0, "grad_norm": 1.0}) == "loss is nan"
+    assert "NaN or Inf" in g.problem({"loss": 2.0, "finite": 0.0, "grad_norm": 1.0})
+
+
+def test_resume_refuses_changed_data_settings(tmp_path):
+    raw = tiny_config(tmp_path, "r", steps=2)
+    assert run_job(tmp_path, raw).returncode == 0
+    raw.update(steps=3, global_batch_size=4, data={"anchor_mode": "ac", "seq_len": 16})
+    proc = run_job(tmp_path, raw)
+    (msg,) = _errors(proc)
+    assert (
+        proc.returncode == 1
+        and "resumes with other data settings (global_batch_size 8 -> 4; data.seq_len 32 -> 16)" in msg
+    )
+    assert "resume_with_new_data=true" in msg and len(list((tmp_path / "runs/r/checkpoints").iterdir())) == 1
+    raw["resume_with_new_data"] = True
+    proc = run_job(tmp_path, raw)
+    assert proc.returncode == 0 and "the data stream starts afresh" in proc.stderr
 
 
 def test_profile_traces_the_chosen_steps(tmp_path):
@@ -203,6 +260,37 @@ def test_cli_bad_input_one_line(tmp_path, capsys):
     assert "no prepared corpus at /nonexistent/corpus" in _cli_error(
         capsys, ["--config", str(path), "dataset_type=corpus", "data.path=/nonexistent/corpus"]
     )
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: 3\ndata: {seq_len: 32\n")
+    msg = _cli_error(capsys, ["--config", str(broken)])
+    assert f"config file {broken} is not valid YAML at line 3" in msg and "fix the file" in msg
+    (tmp_path / "a_file").write_text("")
+    assert "is not writable" in _cli_error(capsys, ["--config", str(path), f"output_dir={tmp_path / 'a_file' / 'x'}"])
+
+
+def test_bad_starting_points_end_in_one_line_without_shutdown_noise(tmp_path):
+    """A missing or truncated load_parameters_path stops the job in one line, with no orbax thread tracebacks."""
+    from anllm_jax import checkpoints
+
+    raw = tiny_config(tmp_path, "start", load_parameters_path=str(tmp_path / "missing"))
+    proc = run_job(tmp_path, raw)
+    (msg,) = _errors(proc)
+    assert proc.returncode == 1 and f"load_parameters_path {tmp_path / 'missing'} does not exist" in msg
+    import importlib.util
+
+    from anllm_jax.tokenizer import Tokenizer
+
+    sp = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+    tok = Tokenizer.from_sentencepiece(str(sp))
+    ckpt = tmp_path / "base"
+    checkpoints.save(init_model(config.preset("tiny", vocab_size=tok.vocab_size)), tok, str(ckpt))
+    for f in sorted((ckpt / "params").rglob("*")):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    raw["load_parameters_path"] = str(ckpt)
+    proc = run_job(tmp_path, raw)
+    (msg,) = _errors(proc)
+    assert proc.returncode == 1 and "cannot be read" in msg and "incomplete or corrupt" in msg
 
 
 def _last_per_step(path: Path) -> dict[int, dict]:
