@@ -20,7 +20,6 @@ Outputs: results.json, results.md, results.png and loglikelihoods.json in --outp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from anllm_jax import anchors, generate, kvcache, records, tasks
+from anllm_jax import generate, kvcache, records, tasks
 from anllm_jax.model import Llama, mask_anchor_ids
 
 MODES = ("full", "ansan", "anchor-cache", "no-cache")
@@ -45,91 +44,6 @@ _COMPILE_EVENTS = frozenset(
         "/jax/core/compile/backend_compile_duration",
     }
 )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenization
-
-
-@dataclasses.dataclass
-class EncodedTask:
-    """A task's documents as token ids under one fixed set of demonstrations.
-
-    prefix: the demonstrations (with <AC> after each for ac models).
-    options[d][o]: (context ids, continuation ids) of option o of document d; context ids follow the prefix.
-    """
-
-    name: str
-    docs: list[tasks.Doc]
-    prefix: list[int]
-    options: list[list[tuple[list[int], list[int]]]]
-
-    def row(self, d: int, o: int) -> list[int]:
-        ctx, cont = self.options[d][o]
-        return self.prefix + ctx + cont
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The harness's split: trailing spaces of the context move to the continuation, and the continuation's
-    ids are those of context + continuation after the context's ids."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    ctx = tokenizer.encode(context) if context else []
-    whole = tokenizer.encode(context + continuation)
-    return ctx, whole[len(ctx) :]
-
-
-def encode_demonstrations(
-    tokenizer, demos: Sequence[tasks.Doc], ac_id: int | None = None, ac_sentences: bool = False
-) -> list[int]:
-    """Token ids of the demonstrations, "\\n\\n" between them.
-
-    Without `ac_id`: the block up to its last non-space character, encoded as one string, so that it is a token
-    prefix of every whole prompt (tokenizers split before whitespace). With `ac_id`: each demonstration is encoded
-    and followed by `ac_id` (with `ac_sentences`, each of its sentences is), as training documents get `<AC>`.
-    """
-    if ac_id is None:
-        return tokenizer.encode(tasks.demonstrations_text(demos).rstrip()) if demos else []
-    texts = [(tasks.FEWSHOT_DELIMITER if i else "") + demo.demonstration() for i, demo in enumerate(demos)]
-    pieces = [p for t in texts for p in anchors.sentence_pieces(t)] if ac_sentences else texts
-    return anchors.anchored(pieces, tokenizer, ac_id)
-
-
-def encode_task(
-    tokenizer,
-    name: str,
-    demos: Sequence[tasks.Doc],
-    docs: Sequence[tasks.Doc],
-    ac_id: int | None = None,
-    ac_sentences: bool = False,
-) -> EncodedTask:
-    """Encode every option of every document after the shared demonstration prefix.
-
-    Without `ac_id` each whole prompt string is encoded as the harness does and the prefix cut off its front,
-    so the tokens equal the harness's. With `ac_id` the question follows the last <AC> and is encoded alone.
-    """
-    prefix = encode_demonstrations(tokenizer, demos, ac_id, ac_sentences)
-    options = []
-    for i, doc in enumerate(docs):
-        if ac_id is None:
-            pairs = [encode_pair(tokenizer, c, k) for c, k in tasks.harness_requests(doc, demos)]
-            if any(ctx[: len(prefix)] != prefix for ctx, _ in pairs):
-                raise ValueError(
-                    f"{name} document {i}: the tokenizer merges the end of the demonstrations with the question, "
-                    "so they cannot form a shared cached prefix"
-                )
-            pairs = [(ctx[len(prefix) :], cont) for ctx, cont in pairs]
-        else:
-            lead = tasks.FEWSHOT_DELIMITER if demos else ""
-            pairs = [encode_pair(tokenizer, lead + c, k) for c, k in doc.requests()]
-        for j, (ctx, cont) in enumerate(pairs):
-            if not cont:
-                raise ValueError(f"{name} document {i} option {j} encodes to no tokens; the option text is empty")
-            if not prefix and not ctx:
-                raise ValueError(f"{name} document {i} has an empty context; the question text is empty")
-        options.append(pairs)
-    return EncodedTask(name, list(docs), prefix, options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,14 +70,14 @@ def _masked_loglik_jit(
     return jnp.sum(logp_BK * weights_BK, axis=1)
 
 
-def _doc_order(enc: EncodedTask) -> list[int]:
+def _doc_order(enc: tasks.EncodedTask) -> list[int]:
     """Documents longest first, so batches hold similar lengths."""
     longest = [max(len(c) + len(o) for c, o in opts) for opts in enc.options]
     return sorted(range(len(enc.docs)), key=lambda d: -longest[d])
 
 
 def score_masked(
-    model: Llama, enc: EncodedTask, mask: str, token_budget: int = 512, progress: bool = True
+    model: Llama, enc: tasks.EncodedTask, mask: str, token_budget: int = 512, progress: bool = True
 ) -> list[np.ndarray]:
     """Per-document float64 log-likelihoods of each option: one forward per row under the attention mask `mask`,
     all options of a document in one batch, documents batched up to `token_budget` padded tokens."""
@@ -221,7 +135,7 @@ def _shared_context(options: list[tuple[list[int], list[int]]]) -> int:
 
 
 def score_cached(
-    model: Llama, enc: EncodedTask, policy: str = "anchor", batch_size: int = 16, progress: bool = True
+    model: Llama, enc: tasks.EncodedTask, policy: str = "anchor", batch_size: int = 16, progress: bool = True
 ) -> tuple[list[np.ndarray], dict[str, int]]:
     """Per-document log-likelihoods against the KV cache of a shared prefix, and statistics of that cache.
 
@@ -263,7 +177,7 @@ def score_cached(
             rows = [ctx + cont for ctx, cont in enc.options[d]]
             shared = _shared_context(enc.options[d])
             if shared == 0:
-                single = EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
+                single = tasks.EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
                 out[d] = score_masked(model, single, mask, progress=False)[0]
             else:
                 cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy=policy, mask=mask)
@@ -317,7 +231,7 @@ def anchor_token_id(model: Llama) -> int | None:
     return mask_anchor_ids(model.cfg)[0] if model.cfg.anchor_mode == "ac" else None
 
 
-def kv_counts(enc: EncodedTask, anchor_ids: tuple[int, ...]) -> tuple[int, int]:
+def kv_counts(enc: tasks.EncodedTask, anchor_ids: tuple[int, ...]) -> tuple[int, int]:
     """(full cache entries, entries the anchor policy keeps) summed over every scored row."""
     full = kept = 0
     for d, opts in enumerate(enc.options):
@@ -346,7 +260,7 @@ def evaluate_task(
     demos, docs = tasks.fewshot(task, shots, seed)
     if limit is not None:
         docs = docs[:limit]
-    enc = encode_task(tokenizer, name, demos, docs, anchor_token_id(model), ac_sentences)
+    enc = tasks.encode_task(tokenizer, name, demos, docs, anchor_token_id(model), ac_sentences)
     anchor_ids = mask_anchor_ids(model.cfg)
     clock = _clock()
     result: dict = {"n": len(docs), "modes": {}}

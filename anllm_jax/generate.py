@@ -30,58 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anllm_jax import kvcache, masks
+from anllm_jax import kvcache, masks, sampling
 from anllm_jax.kvcache import KVCache
-from anllm_jax.model import Llama, mask_anchor_ids, write_rows
+from anllm_jax.model import Llama, mask_anchor_ids
 
 _MIN_BUCKET = 16
 _CAPACITY_MULTIPLE = 64
-
-
-_MAX_STOP_IDS = 16
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Sampling settings. Only max_new_tokens and greedy are static (compile a new loop); temperature,
-    top_k (0: off), top_p (1.0: off) and stop_ids (int32 [16], -1 unused) are data. Build with `sampling()`."""
-
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    stop_ids: jax.Array
-    max_new_tokens: int = dataclasses.field(metadata={"static": True})
-    greedy: bool = dataclasses.field(metadata={"static": True})
-
-
-def sampling(
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    stop_ids: Sequence[int] = (),
-) -> Sampling:
-    """Checked sampling settings; temperature 0 is greedy."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 switches it off)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 switches it off)")
-    stop = sorted({int(i) for i in stop_ids})
-    if len(stop) > _MAX_STOP_IDS:
-        raise ValueError(f"{len(stop)} stop ids given; at most {_MAX_STOP_IDS} are supported")
-    return Sampling(
-        temperature=jnp.float32(temperature),
-        top_k=jnp.int32(top_k),
-        top_p=jnp.float32(top_p),
-        stop_ids=jnp.asarray(stop + [-1] * (_MAX_STOP_IDS - len(stop)), jnp.int32),
-        max_new_tokens=int(max_new_tokens),
-        greedy=temperature == 0.0,
-    )
 
 
 @dataclasses.dataclass
@@ -153,34 +107,11 @@ def _extend(
 ) -> tuple[jax.Array, KVCache]:
     """Append each row's first n_new_B[b] tokens to its cache; logits float32 [B, T, V] of all T slots (or
     [B, K, V] at the slots `logits_at_BK`)."""
-    B, T = tokens_BT.shape
-    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    valid_BT = t_BT < n_new_B[:, None]
-    anchor_BT = masks.is_anchor(tokens_BT, jnp.asarray(cache.anchor_ids, jnp.int32)) & valid_BT
-    a_BT = anchor_BT.astype(jnp.int32)
-    q_info = masks.TokenInfo(
-        order=cache.next_pos[:, None] + t_BT,
-        seg=cache.n_anchors[:, None] + jnp.cumsum(a_BT, axis=1) - a_BT,
-        anchor=anchor_BT,
-        valid=valid_BT,
-        doc=jnp.zeros((B, T), jnp.int32),
-    )
-    k_info = jax.tree.map(lambda buf, new: write_rows(buf, new, cache.length), cache.info, q_info)
+    q_info, k_info = kvcache.new_entries(cache, tokens_BT, n_new_B)
     logits_BTV, (k, v) = model.forward(
         tokens_BT, q_info.order, q_info, (cache.k, cache.v), k_info, cache.length, logits_at_BK
     )
-    cache = dataclasses.replace(
-        cache,
-        k=k,
-        v=v,
-        info=k_info,
-        length=cache.length + n_new_B,
-        n_anchors=cache.n_anchors + jnp.sum(a_BT, axis=1),
-        next_pos=cache.next_pos + n_new_B,
-    )
-    if cache.policy == "anchor":
-        cache = jax.lax.cond(jnp.any(anchor_BT), kvcache.compact, lambda c: c, cache)
-    return logits_BTV, cache
+    return logits_BTV, kvcache.advance(cache, k, v, k_info, q_info, n_new_B)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("cache",))
@@ -215,27 +146,9 @@ def _recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids):
     return _masked_last_logits(nnx.merge(graphdef, state), buf_BW, len_B, anchor_ids)
 
 
-def _sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
-    """Next tokens [B] and their log-probs under the unfiltered model distribution."""
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    if s.greedy:
-        tok_B = jnp.argmax(logits_BV, axis=-1)
-    else:
-        V = logits_BV.shape[-1]
-        x_BV = logits_BV / s.temperature
-        desc_BV = -jnp.sort(-x_BV, axis=-1)
-        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-        desc_BV = jnp.where(jnp.arange(V) < k, desc_BV, -jnp.inf)
-        p_BV = jax.nn.softmax(desc_BV, axis=-1)
-        # Keep the smallest prefix of the top-k tokens whose mass reaches top_p (at least one token).
-        n_keep_B = jnp.sum(jnp.cumsum(p_BV, axis=-1) - p_BV < s.top_p, axis=-1)
-        cut_B1 = jnp.take_along_axis(desc_BV, (n_keep_B - 1)[:, None], axis=-1)
-        tok_B = jax.random.categorical(key, jnp.where(x_BV < cut_B1, -jnp.inf, x_BV), axis=-1)
-    tok_B = tok_B.astype(jnp.int32)
-    return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
-
-
-def _decode_loop(step: Callable, room: Callable, carry, last_logits_BV: jax.Array, key: jax.Array, s: Sampling):
+def _decode_loop(
+    step: Callable, room: Callable, carry, last_logits_BV: jax.Array, key: jax.Array, s: sampling.Sampling
+):
     """Sample max_new_tokens tokens per row in one while_loop.
 
     step(carry, tok_B, active_B) -> (logits_BV, carry) feeds each active row its latest token; room(carry)
@@ -243,7 +156,7 @@ def _decode_loop(step: Callable, room: Callable, carry, last_logits_BV: jax.Arra
     """
     B, N = last_logits_BV.shape[0], s.max_new_tokens
     is_stop = lambda t_B: jnp.any(t_B[:, None] == s.stop_ids, axis=-1)
-    tok_B, lp_B = _sample(last_logits_BV, jax.random.fold_in(key, 0), s)
+    tok_B, lp_B = sampling.sample(last_logits_BV, jax.random.fold_in(key, 0), s)
     out_tok_BN = jnp.full((B, N), -1, jnp.int32).at[:, 0].set(tok_B)
     out_lp_BN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)
     init = (jnp.int32(0), carry, tok_B, is_stop(tok_B), jnp.zeros((B,), bool), out_tok_BN, out_lp_BN)
@@ -258,7 +171,7 @@ def _decode_loop(step: Callable, room: Callable, carry, last_logits_BV: jax.Arra
         full_B, done_B = full_B | no_room_B, done_B | no_room_B
         active_B = ~done_B
         logits_BV, carry = step(carry, tok_B, active_B)
-        new_B, lp_B = _sample(logits_BV, jax.random.fold_in(key, i + 1), s)
+        new_B, lp_B = sampling.sample(logits_BV, jax.random.fold_in(key, i + 1), s)
         out_tok_BN = out_tok_BN.at[:, i + 1].set(jnp.where(active_B, new_B, -1))
         out_lp_BN = out_lp_BN.at[:, i + 1].set(jnp.where(active_B, lp_B, 0.0))
         done_B = done_B | (active_B & is_stop(new_B))
@@ -269,7 +182,7 @@ def _decode_loop(step: Callable, room: Callable, carry, last_logits_BV: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnames=("cache",))
-def _decode_cached_jit(graphdef, state, cache, last_logits_BV, key, s: Sampling):
+def _decode_cached_jit(graphdef, state, cache, last_logits_BV, key, s: sampling.Sampling):
     model = nnx.merge(graphdef, state)
 
     def step(cache, tok_B, active_B):
@@ -282,7 +195,7 @@ def _decode_cached_jit(graphdef, state, cache, last_logits_BV, key, s: Sampling)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
-def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s: Sampling, anchor_ids):
+def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s: sampling.Sampling, anchor_ids):
     model = nnx.merge(graphdef, state)
 
     def step(carry, tok_B, active_B):
@@ -462,7 +375,7 @@ def generate(
         ids = tokenizer.encode(s)
         if len(ids) == 1:
             stop_ids.append(ids[0])
-    settings = sampling(max_new_tokens, temperature, top_k, top_p, stop_ids)
+    settings = sampling.settings(max_new_tokens, temperature, top_k, top_p, stop_ids)
     anchor_ids = mask_anchor_ids(model.cfg, mask)
     kvcache.check_policy(policy, anchor_ids)
     tokens_BT, lengths_B = _as_batch(prompts, lengths, padding_side)  # right-padded from here on

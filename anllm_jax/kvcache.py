@@ -24,6 +24,7 @@ import numpy as np
 
 from anllm_jax import masks
 from anllm_jax.config import ModelConfig
+from anllm_jax.model import write_rows
 
 POLICIES = ("full", "anchor", "none")
 
@@ -111,6 +112,43 @@ def init(cfg: ModelConfig, batch: int, capacity: int, policy: str, anchor_ids: t
         policy=policy,
         anchor_ids=tuple(anchor_ids),
     )
+
+
+def new_entries(cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Array) -> tuple[masks.TokenInfo, masks.TokenInfo]:
+    """(TokenInfo [B, T] of the new tokens, TokenInfo [B, S] of every slot once they are written): each row's
+    first n_new_B[b] tokens continue its stream at its next position, after the anchors it has seen."""
+    B, T = tokens_BT.shape
+    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid_BT = t_BT < n_new_B[:, None]
+    anchor_BT = masks.is_anchor(tokens_BT, jnp.asarray(cache.anchor_ids, jnp.int32)) & valid_BT
+    a_BT = anchor_BT.astype(jnp.int32)
+    q_info = masks.TokenInfo(
+        order=cache.next_pos[:, None] + t_BT,
+        seg=cache.n_anchors[:, None] + jnp.cumsum(a_BT, axis=1) - a_BT,
+        anchor=anchor_BT,
+        valid=valid_BT,
+        doc=jnp.zeros((B, T), jnp.int32),
+    )
+    return q_info, jax.tree.map(lambda buf, new: write_rows(buf, new, cache.length), cache.info, q_info)
+
+
+def advance(
+    cache: KVCache, k: jax.Array, v: jax.Array, k_info: masks.TokenInfo, q_info: masks.TokenInfo, n_new_B: jax.Array
+) -> KVCache:
+    """The cache once the forward wrote the new entries (`k`, `v`, `k_info` from `new_entries`): counters moved
+    on and, under the anchor policy, compacted when new anchors arrived."""
+    cache = dataclasses.replace(
+        cache,
+        k=k,
+        v=v,
+        info=k_info,
+        length=cache.length + n_new_B,
+        n_anchors=cache.n_anchors + jnp.sum(q_info.anchor, axis=1, dtype=jnp.int32),
+        next_pos=cache.next_pos + n_new_B,
+    )
+    if cache.policy == "anchor":
+        cache = jax.lax.cond(jnp.any(q_info.anchor), compact, lambda c: c, cache)
+    return cache
 
 
 def compact(cache: KVCache) -> KVCache:

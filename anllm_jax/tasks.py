@@ -21,10 +21,13 @@ import importlib.util
 import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from anllm_jax import anchors
 
 TASKS = ("openbookqa", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "boolq")
 FEWSHOT_SEED = 1234
@@ -299,3 +302,88 @@ def score(doc: Doc, loglikelihoods: np.ndarray) -> dict[str, float]:
         "acc": float(np.argmax(lls) == doc.gold),
         "acc_norm": float(np.argmax(lls / lengths) == doc.gold),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts as token ids (the harness's tokenization; <AC> after demonstrations for ac models)
+
+
+@dataclasses.dataclass
+class EncodedTask:
+    """A task's documents as token ids under one fixed set of demonstrations.
+
+    prefix: the demonstrations (with <AC> after each for ac models).
+    options[d][o]: (context ids, continuation ids) of option o of document d; context ids follow the prefix.
+    """
+
+    name: str
+    docs: list[Doc]
+    prefix: list[int]
+    options: list[list[tuple[list[int], list[int]]]]
+
+    def row(self, d: int, o: int) -> list[int]:
+        ctx, cont = self.options[d][o]
+        return self.prefix + ctx + cont
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's split: trailing spaces of the context move to the continuation, and the continuation's
+    ids are those of context + continuation after the context's ids."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = tokenizer.encode(context) if context else []
+    whole = tokenizer.encode(context + continuation)
+    return ctx, whole[len(ctx) :]
+
+
+def encode_demonstrations(
+    tokenizer, demos: Sequence[Doc], ac_id: int | None = None, ac_sentences: bool = False
+) -> list[int]:
+    """Token ids of the demonstrations, "\\n\\n" between them.
+
+    Without `ac_id`: the block up to its last non-space character, encoded as one string, so that it is a token
+    prefix of every whole prompt (tokenizers split before whitespace). With `ac_id`: each demonstration is encoded
+    and followed by `ac_id` (with `ac_sentences`, each of its sentences is), as training documents get `<AC>`.
+    """
+    if ac_id is None:
+        return tokenizer.encode(demonstrations_text(demos).rstrip()) if demos else []
+    texts = [(FEWSHOT_DELIMITER if i else "") + demo.demonstration() for i, demo in enumerate(demos)]
+    pieces = [p for t in texts for p in anchors.sentence_pieces(t)] if ac_sentences else texts
+    return anchors.anchored(pieces, tokenizer, ac_id)
+
+
+def encode_task(
+    tokenizer,
+    name: str,
+    demos: Sequence[Doc],
+    docs: Sequence[Doc],
+    ac_id: int | None = None,
+    ac_sentences: bool = False,
+) -> EncodedTask:
+    """Encode every option of every document after the shared demonstration prefix.
+
+    Without `ac_id` each whole prompt string is encoded as the harness does and the prefix cut off its front,
+    so the tokens equal the harness's. With `ac_id` the question follows the last <AC> and is encoded alone.
+    """
+    prefix = encode_demonstrations(tokenizer, demos, ac_id, ac_sentences)
+    options = []
+    for i, doc in enumerate(docs):
+        if ac_id is None:
+            pairs = [encode_pair(tokenizer, c, k) for c, k in harness_requests(doc, demos)]
+            if any(ctx[: len(prefix)] != prefix for ctx, _ in pairs):
+                raise ValueError(
+                    f"{name} document {i}: the tokenizer merges the end of the demonstrations with the question, "
+                    "so they cannot form a shared cached prefix"
+                )
+            pairs = [(ctx[len(prefix) :], cont) for ctx, cont in pairs]
+        else:
+            lead = FEWSHOT_DELIMITER if demos else ""
+            pairs = [encode_pair(tokenizer, lead + c, k) for c, k in doc.requests()]
+        for j, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"{name} document {i} option {j} encodes to no tokens; the option text is empty")
+            if not prefix and not ctx:
+                raise ValueError(f"{name} document {i} has an empty context; the question text is empty")
+        options.append(pairs)
+    return EncodedTask(name, list(docs), prefix, options)

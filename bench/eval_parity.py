@@ -3,7 +3,7 @@
 For each task, the first N documents are turned into lm-evaluation-harness prompt strings
 (`tasks.harness_requests`). The reference tokenizes those strings with the HF tokenizer read from the GGUF
 file and scores them with the transformers Llama (float32, torch); anllm_jax tokenizes them its own way
-(`eval.encode_task`) and scores them with `eval.score_masked(..., "full")`. Prints a table and writes JSON.
+(`tasks.encode_task`) and scores them with `eval.score_masked(..., "full")`. Prints a table and writes JSON.
 
     python bench/eval_parity.py --n 20 --shots 0 --json parity.json
 """
@@ -67,12 +67,12 @@ def compare(
     docs, options, refs = [], [], []
     for name in names:
         demos, task_docs = tasks.fewshot(tasks.load_task(name), shots)
-        enc = ev.encode_task(jax_tokenizer, name, demos, task_docs[:n])
+        enc = tasks.encode_task(jax_tokenizer, name, demos, task_docs[:n])
         for doc, opts in zip(enc.docs, enc.options, strict=True):
             docs.append((name, doc))
             options.append([(enc.prefix + ctx, cont) for ctx, cont in opts])
             refs.append([hf_loglikelihood(hf_model, hf_tokenizer, c, k) for c, k in tasks.harness_requests(doc, demos)])
-    mixed = ev.EncodedTask("parity", [d for _, d in docs], [], options)
+    mixed = tasks.EncodedTask("parity", [d for _, d in docs], [], options)
     ours = ev.score_masked(jax_model, mixed, "full", progress=False)
     report: dict[str, dict[str, float]] = {}
     for (name, doc), mine, ref in zip(docs, ours, refs, strict=True):

@@ -69,7 +69,7 @@ def test_fewshot_tokens_match_harness_tokenization(smollm2):
     enc_hf = lambda s: hf_tokenizer(s, add_special_tokens=False)["input_ids"]
     for name in tasks.TASKS:
         demos, docs = tasks.fewshot(tasks.load_task(name), 5)
-        enc = ev.encode_task(tokenizer, name, demos, docs[:1])
+        enc = tasks.encode_task(tokenizer, name, demos, docs[:1])
         for o, (context, continuation) in enumerate(tasks.harness_requests(docs[0], demos)):
             whole, ctx = enc_hf(context + continuation), enc_hf(context)
             ours_ctx, ours_cont = enc.options[0][o]
@@ -105,7 +105,7 @@ def test_full_mode_with_demonstrations_equals_causal_forward(ep_model, name):
     assert r["modes"]["full"]["prefills"] == 1
     assert r["modes"]["full"]["prefix_entries_kept"] == r["modes"]["full"]["prefix_tokens"] > 0
     demos, docs = tasks.fewshot(tasks.load_task(name), 2)
-    enc = ev.encode_task(ByteTokenizer(), name, demos, docs[:3])
+    enc = tasks.encode_task(ByteTokenizer(), name, demos, docs[:3])
     forward = ev.score_masked(ep_model, enc, "full", progress=False)
     for x, y in zip(lls["full"], forward, strict=True):
         assert np.argmax(x) == np.argmax(y)
@@ -120,7 +120,7 @@ def test_cached_modes_equal_masked_forward_in_float64(name):
         model = init_model(preset("tiny", dtype="float64", anchor_mode="ep", anchor_ids=(DOT,), max_seq_len=4096))
         _, lls = ev.evaluate_task(model, ByteTokenizer(), name, 2, ["full", "ansan", "anchor-cache"], 2, progress=False)
         demos, docs = tasks.fewshot(tasks.load_task(name), 2)
-        full = ev.score_masked(model, ev.encode_task(ByteTokenizer(), name, demos, docs[:2]), "full", progress=False)
+        full = ev.score_masked(model, tasks.encode_task(ByteTokenizer(), name, demos, docs[:2]), "full", progress=False)
     for x, y in zip(lls["ansan"], lls["anchor-cache"], strict=True):
         np.testing.assert_allclose(x, y, atol=1e-9, rtol=0)
     for x, y in zip(full, lls["full"], strict=True):
@@ -141,7 +141,7 @@ def test_anchor_cache_equals_ansan_ac(ac_model):
 def test_masked_scores_equal_unpadded_rows(ep_model):
     """Batched, padded, bucketed scoring equals each row scored alone without padding (float64 softmax)."""
     demos, docs = tasks.fewshot(tasks.load_task("sciq"), 1)
-    enc = ev.encode_task(ByteTokenizer(), "sciq", demos, docs[:1])
+    enc = tasks.encode_task(ByteTokenizer(), "sciq", demos, docs[:1])
     batched = ev.score_masked(ep_model, enc, "model", progress=False)[0]
     forward = jax.jit(lambda t: ep_model(t, mask="anchor"))
     for o, (ctx, cont) in enumerate(enc.options[0]):
@@ -161,18 +161,18 @@ def test_masked_scores_equal_unpadded_rows(ep_model):
 def test_ac_after_each_demonstration_and_sentence():
     demos = [tasks.Doc("First one. Second one.", ("yes",), 0), tasks.Doc("Third.", ("no",), 0)]
     tok = ByteTokenizer()
-    ids = ev.encode_demonstrations(tok, demos, AC)
+    ids = tasks.encode_demonstrations(tok, demos, AC)
     assert ids == tok.encode("First one. Second one. yes") + [AC] + tok.encode("\n\nThird. no") + [AC]
-    ids = ev.encode_demonstrations(tok, demos, AC, ac_sentences=True)
+    ids = tasks.encode_demonstrations(tok, demos, AC, ac_sentences=True)
     assert ids == (
         tok.encode("First one.") + [AC] + tok.encode(" Second one. yes") + [AC] + tok.encode("\n\nThird. no") + [AC]
     )
-    assert ev.encode_demonstrations(tok, demos) == tok.encode("First one. Second one. yes\n\nThird. no")
+    assert tasks.encode_demonstrations(tok, demos) == tok.encode("First one. Second one. yes\n\nThird. no")
 
 
 def test_encode_pair_moves_trailing_space():
     tok = ByteTokenizer()
-    assert ev.encode_pair(tok, "Answer: ", "yes") == (tok.encode("Answer:"), tok.encode(" yes"))
+    assert tasks.encode_pair(tok, "Answer: ", "yes") == (tok.encode("Answer:"), tok.encode(" yes"))
 
 
 def test_empty_option_tokens_error():
@@ -182,7 +182,7 @@ def test_empty_option_tokens_error():
 
     doc = tasks.Doc("Q", ("fine", "!"), 0)
     with pytest.raises(ValueError, match="piqa document 0 option 1 encodes to no tokens"):
-        ev.encode_task(Silent(), "piqa", [], [doc])
+        tasks.encode_task(Silent(), "piqa", [], [doc])
 
 
 # ------------------------------------------------------------------------------------------------------------

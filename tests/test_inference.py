@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from anllm_jax import generate as gen_lib
-from anllm_jax import kvcache
+from anllm_jax import kvcache, sampling
 from anllm_jax.config import preset
 from anllm_jax.model import init_model
 
@@ -252,7 +252,7 @@ def test_decode_loop_updates_the_cache_in_place():
     cache, last_BV = gen_lib.prefill(model, [list(range(1, 200))], policy="full", capacity=4096)
     cache_bytes = cache.k.nbytes + cache.v.nbytes
     compiled = gen_lib._decode_cached_jit.lower(
-        graphdef, state, cache, last_BV, jax.random.key(0), gen_lib.sampling(8)
+        graphdef, state, cache, last_BV, jax.random.key(0), sampling.settings(8)
     ).compile()
     memory = compiled.memory_analysis()
     assert memory.alias_size_in_bytes >= cache_bytes
