@@ -2,6 +2,7 @@
 two processes restore in one process on another mesh."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -175,3 +176,16 @@ def test_readme_multiprocess_demo_equals_one_process(tmp_path):
     reference = [json.loads(line) for line in (tmp_path / "runs/one/metrics.jsonl").read_text().splitlines()]
     assert resumed[-1]["step"] == 3 and resumed[-1]["batch_crc"] == reference[-1]["batch_crc"]
     np.testing.assert_allclose(resumed[-1]["loss"], reference[-1]["loss"], rtol=1e-3)
+
+
+def test_launcher_failure_names_the_process_and_its_log(tmp_path):
+    """One process failing stops the others; the launcher exits with its code and names it, without shell noise."""
+    env = dict(os.environ, PYTHON=sys.executable, MODULE="anllm_jax.no_such_tool", LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        ["bash", "launch/local_multiprocess.sh", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("local_multiprocess:")]
+    assert len(lines) == 1 and "failed with exit code 1" in lines[0], proc.stderr
+    assert "its output is above" in lines[0] or f"its log: {tmp_path / 'logs'}/process_1.log" in lines[0]
+    assert "no such job" not in proc.stderr and "wait:" not in proc.stderr
