@@ -70,7 +70,7 @@ def run_torch_case(model: str, overrides: dict, seq: int, batch: int, steps: int
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     for i in range(warmup):
         step(batches[i % 2])
