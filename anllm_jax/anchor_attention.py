@@ -1,12 +1,13 @@
 """Exact AnSAN self-attention in O(T x (window + anchors)) work and O(T) extra memory.
 
-Under `masks.allowed` a query sees two disjoint sets of keys:
+Under `masks.allowed` (AnSAN), or any mask whose keys are all in the query's sentence or anchors (`rule`, e.g.
+ansan-bounded), a query sees two disjoint sets of keys:
   - keys of its own sentence (same `seg`), which lie in the query's block of C tokens or the previous
     `n_prev` blocks whenever the sentence began no earlier than that;
   - anchors of other sentences, which are few: they are gathered per row into `capacity` slots.
 Each query block attends to a key window (its own block plus the `n_prev` previous ones, masked to same-seg
 keys) and to the gathered anchors (masked to other-seg keys), with one softmax over both. Both masks are
-`masks.allowed` on the small gathered sets, split by `seg` equality, so the rule is not restated here.
+the rule on the small gathered sets, split by `seg` equality, so the rule is not restated here.
 
 Exactness is checked at run time on the TokenInfo (O(T)): the first tier whose window holds every query's
 sentence and whose anchor slots hold every anchor runs; when none does (very long sentences, too many
@@ -52,8 +53,9 @@ def anchor_attention(
     tiers: tuple[int, ...] = DEFAULT_TIERS,
     q_chunk: int = DEFAULT_Q_CHUNK,
     kernel: str = "jax",
+    rule: masks.Mask = masks.ANSAN,
 ) -> jax.Array:
-    """Self-attention under `masks.allowed(info, info)`; returns [B, T, N, H] in the dtype of the queries.
+    """Self-attention under `rule(info, info)` (AnSAN by default); returns [B, T, N, H] in the dtype of the queries.
 
     q_BTNH [B, T, N, H]; k_BTKH, v_BTKH [B, T, K, H] with N a multiple of K; `info` a TokenInfo [B, T].
     `block`: query/key block length. `capacity`: anchor slots per row (default `default_capacity(T)`).
@@ -92,7 +94,9 @@ def anchor_attention(
     Tp = n_chunks * per_chunk * block
 
     q, k, v, info_p = _pad(q_BTNH, k_BTKH, v_BTKH, info, Tp)
-    o = _core(q, k, v, info_p, block, per_chunk, capacity, tuple(tiers), kernel)[:, :T]
+    if kernel != "jax" and rule != masks.ANSAN:
+        raise ValueError(f"kernel={kernel!r} hard-wires the AnSAN rule; use kernel='jax' for the rule {rule}")
+    o = _core(q, k, v, info_p, block, per_chunk, capacity, tuple(tiers), kernel, rule)[:, :T]
     # Rows without any allowed key: the uniform average of every value, as the dense reference gives.
     v_mean = jnp.mean(v_BTKH.astype(jnp.float32), axis=1)  # [B, K, H]
     v_mean_BNH = jnp.repeat(v_mean, N // K, axis=1).astype(o.dtype)
@@ -109,12 +113,16 @@ def _pad(q, k, v, info: masks.TokenInfo, Tp: int):
         return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
     order_tail = jnp.max(info.order, axis=1, keepdims=True) + 1 + jnp.arange(extra, dtype=info.order.dtype)
+    repeat_last = lambda x: jnp.concatenate([x, jnp.repeat(x[:, -1:], extra, axis=1)], axis=1)
     info_p = masks.TokenInfo(
         order=jnp.concatenate([info.order, order_tail], axis=1),
-        seg=jnp.concatenate([info.seg, jnp.repeat(info.seg[:, -1:], extra, axis=1)], axis=1),
+        seg=repeat_last(info.seg),
         anchor=pad_time(info.anchor, False),
         valid=pad_time(info.valid, False),
-        doc=jnp.concatenate([info.doc, jnp.repeat(info.doc[:, -1:], extra, axis=1)], axis=1),
+        doc=repeat_last(info.doc),
+        pos=repeat_last(info.pos),
+        sep=pad_time(info.sep, False),
+        nsep=repeat_last(info.nsep),
     )
     return pad_time(q), pad_time(k), pad_time(v), info_p
 
@@ -156,7 +164,7 @@ def _flat(info: masks.TokenInfo) -> masks.TokenInfo:
     return jax.tree.map(lambda a: a.reshape(-1, a.shape[-1]), info)
 
 
-def _parts(q, qi, local, shared):
+def _parts(q, qi, local, shared, rule):
     """Masked score parts of one chunk of n query blocks, each (scores f32, mask, keys, values, key spec).
 
     q [B, n, C, K, G, H]; qi TokenInfo [B, n, C]. local = (k, v [B, n, W, K, H], TokenInfo [B, n, W]) keys of
@@ -169,14 +177,14 @@ def _parts(q, qi, local, shared):
     if local is not None:
         kw, vw, kwi = local
         W = kw.shape[2]
-        mask = masks.allowed(_flat(qi), _flat(kwi)) & (_flat(qi).seg[:, :, None] == _flat(kwi).seg[:, None, :])
+        mask = rule(_flat(qi), _flat(kwi)) & (_flat(qi).seg[:, :, None] == _flat(kwi).seg[:, None, :])
         s = jnp.einsum("bnqkgh,bnwkh->bnkgqw", q, kw, preferred_element_type=jnp.float32) * scale
         parts.append((s, mask.reshape(B, n, 1, 1, C, W), kw, vw, "bnwkh"))
     if shared is not None:
         ks, vs, ksi, exclude_same_seg = shared
         S = ks.shape[1]
         qf = jax.tree.map(lambda a: a.reshape(B, n * C), qi)
-        mask = masks.allowed(qf, ksi)
+        mask = rule(qf, ksi)
         if exclude_same_seg:
             mask &= qf.seg[:, :, None] != ksi.seg[:, None, :]
         s = jnp.einsum("bnqkgh,bskh->bnkgqs", q, ks, preferred_element_type=jnp.float32) * scale
@@ -184,9 +192,9 @@ def _parts(q, qi, local, shared):
     return parts
 
 
-def _chunk_fwd(q, qi, local, shared):
+def _chunk_fwd(q, qi, local, shared, rule):
     """Output [B, n, C, K, G, H] (dtype of q) and log-sum-exp [B, n, K, G, C] of one chunk."""
-    parts = _parts(q, qi, local, shared)
+    parts = _parts(q, qi, local, shared, rule)
     m = functools.reduce(jnp.maximum, [jnp.max(jnp.where(mk, s, -jnp.inf), axis=-1) for s, mk, *_ in parts])
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     ps = [jnp.where(mk, jnp.exp(s - m[..., None]), 0.0) for s, mk, *_ in parts]
@@ -204,9 +212,9 @@ def _chunk_fwd(q, qi, local, shared):
     return o.astype(q.dtype), m + jnp.log(denom)
 
 
-def _chunk_bwd(q, qi, local, shared, lse, do):
+def _chunk_bwd(q, qi, local, shared, lse, do, rule):
     """Gradients of one chunk: dq [B, n, C, K, G, H] f32 and, per part, (dk, dv) f32 shaped like its keys."""
-    parts = _parts(q, qi, local, shared)
+    parts = _parts(q, qi, local, shared, rule)
     scale = q.shape[-1] ** -0.5
     ps = [jnp.where(mk, jnp.exp(s - lse[..., None]), 0.0) for s, mk, *_ in parts]
     dps = [
@@ -273,7 +281,7 @@ def _local_range(k, v, info_f, c, n: int, n_prev: int, C: int):
     return cut(k), cut(v), jax.tree.map(cut, info_f)
 
 
-def _windowed_fwd(q, k, v, info, C: int, n: int, capacity: int, n_prev: int):
+def _windowed_fwd(q, k, v, info, C: int, n: int, capacity: int, n_prev: int, rule):
     """Local windows of n_prev previous blocks plus gathered anchors. Returns o [B,Tp,N,H], lse [B,Tp,K,G]."""
     B, Tp, N, H = q.shape
     K = k.shape[2]
@@ -287,13 +295,13 @@ def _windowed_fwd(q, k, v, info, C: int, n: int, capacity: int, n_prev: int):
         c, qc, qic = x
         kr, vr, ir = _local_range(kf, vf, info_f, c, n, n_prev, C)
         local = (_windows(kr, n, n_prev), _windows(vr, n, n_prev), jax.tree.map(lambda a: _windows(a, n, n_prev), ir))
-        return None, _chunk_fwd(qc, qic, local, (ka, va, ia, True))
+        return None, _chunk_fwd(qc, qic, local, (ka, va, ia, True), rule)
 
     _, (o, lse) = jax.lax.scan(step, None, xs)
     return _unchunk(o).reshape(B, Tp, N, H), _unchunk_lse(lse)
 
 
-def _windowed_bwd(q, k, v, info, lse, do, C: int, n: int, capacity: int, n_prev: int):
+def _windowed_bwd(q, k, v, info, lse, do, C: int, n: int, capacity: int, n_prev: int, rule):
     B, Tp, N, H = q.shape
     K = k.shape[2]
     n_chunks = Tp // (n * C)
@@ -315,7 +323,7 @@ def _windowed_bwd(q, k, v, info, lse, do, C: int, n: int, capacity: int, n_prev:
         c, qc, qic, lsec, doc = x
         kr, vr, ir = _local_range(kf, vf, info_f, c, n, n_prev, C)
         local = (_windows(kr, n, n_prev), _windows(vr, n, n_prev), jax.tree.map(lambda a: _windows(a, n, n_prev), ir))
-        dq, ((dkw, dvw), (dks, dvs)) = _chunk_bwd(qc, qic, local, (ka, va, ia, True), lsec, doc)
+        dq, ((dkw, dvw), (dks, dvs)) = _chunk_bwd(qc, qic, local, (ka, va, ia, True), lsec, doc, rule)
         start = c * n * C
         size = (n + n_prev) * C
 
@@ -331,8 +339,8 @@ def _windowed_bwd(q, k, v, info, lse, do, C: int, n: int, capacity: int, n_prev:
     return _unchunk(dq).reshape(B, Tp, N, H), dk, dv
 
 
-def _all_keys_fwd(q, k, v, info, C: int):
-    """Every query block against every key under `masks.allowed`: the exact path for any input."""
+def _all_keys_fwd(q, k, v, info, C: int, rule):
+    """Every query block against every key under the rule: the exact path for any input."""
     B, Tp, N, H = q.shape
     K = k.shape[2]
     n_chunks = Tp // C
@@ -340,13 +348,13 @@ def _all_keys_fwd(q, k, v, info, C: int):
 
     def step(_, x):
         qc, qic = x
-        return None, _chunk_fwd(qc, qic, None, (k, v, info, False))
+        return None, _chunk_fwd(qc, qic, None, (k, v, info, False), rule)
 
     _, (o, lse) = jax.lax.scan(step, None, xs)
     return _unchunk(o).reshape(B, Tp, N, H), _unchunk_lse(lse)
 
 
-def _all_keys_bwd(q, k, v, info, lse, do, C: int):
+def _all_keys_bwd(q, k, v, info, lse, do, C: int, rule):
     B, Tp, N, H = q.shape
     K = k.shape[2]
     n_chunks = Tp // C
@@ -361,7 +369,7 @@ def _all_keys_bwd(q, k, v, info, lse, do, C: int):
     def step(carry, x):
         dk, dv = carry
         qc, qic, lsec, doc = x
-        dq, ((dks, dvs),) = _chunk_bwd(qc, qic, None, (k, v, info, False), lsec, doc)
+        dq, ((dks, dvs),) = _chunk_bwd(qc, qic, None, (k, v, info, False), lsec, doc, rule)
         return (dk + dks, dv + dvs), dq
 
     (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), xs)
@@ -383,17 +391,18 @@ def _chunk_lse(lse, n_chunks: int, n: int, C: int):
     return jnp.moveaxis(_chunks(lse, n_chunks, n, C), 3, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _core(q, k, v, info, block, per_chunk, capacity, tiers, kernel):
-    return _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _core(q, k, v, info, block, per_chunk, capacity, tiers, kernel, rule):
+    return _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel, rule)[0]
 
 
-def _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel):
+def _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel, rule):
     tier = select_path(info, block, capacity, tiers)
     branches = [
-        functools.partial(_windowed_fwd, C=block, n=per_chunk, capacity=capacity, n_prev=n_prev) for n_prev in tiers
+        functools.partial(_windowed_fwd, C=block, n=per_chunk, capacity=capacity, n_prev=n_prev, rule=rule)
+        for n_prev in tiers
     ]
-    branches.append(functools.partial(_all_keys_fwd, C=block))
+    branches.append(functools.partial(_all_keys_fwd, C=block, rule=rule))
     if kernel != "jax":
         branches[0] = functools.partial(
             _pallas().windowed_fwd, C=block, capacity=capacity, interpret=kernel == "pallas_interpret"
@@ -402,12 +411,13 @@ def _core_fwd(q, k, v, info, block, per_chunk, capacity, tiers, kernel):
     return o, (q, k, v, info, o, lse, tier)
 
 
-def _core_bwd(block, per_chunk, capacity, tiers, kernel, res, do):
+def _core_bwd(block, per_chunk, capacity, tiers, kernel, rule, res, do):
     q, k, v, info, o, lse, tier = res
     branches = [
-        functools.partial(_windowed_bwd, C=block, n=per_chunk, capacity=capacity, n_prev=n_prev) for n_prev in tiers
+        functools.partial(_windowed_bwd, C=block, n=per_chunk, capacity=capacity, n_prev=n_prev, rule=rule)
+        for n_prev in tiers
     ]
-    branches.append(functools.partial(_all_keys_bwd, C=block))
+    branches.append(functools.partial(_all_keys_bwd, C=block, rule=rule))
     if kernel != "jax":
         pallas_bwd = functools.partial(
             _pallas().windowed_bwd, C=block, capacity=capacity, interpret=kernel == "pallas_interpret"

@@ -43,10 +43,4 @@ def front(x, rows: int, value=0):
 
 def front_info(info: masks.TokenInfo, rows: int) -> masks.TokenInfo:
     """Info of `rows` invalid positions before the row (the window of the first blocks reaches there)."""
-    return masks.TokenInfo(
-        order=front(info.order, rows, -1),
-        seg=front(info.seg, rows, -1),
-        anchor=front(info.anchor, rows, False),
-        valid=front(info.valid, rows, False),
-        doc=front(info.doc, rows, -1),
-    )
+    return jax.tree.map(lambda x: front(x, rows, False if x.dtype == jnp.bool_ else -1), info)

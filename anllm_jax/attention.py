@@ -1,8 +1,9 @@
 """Attention backends behind one dispatcher.
 
-Every backend takes queries [B, T, N, H], keys and values [B, S, K, H] (grouped-query: N is a multiple of K)
-and the `TokenInfo` of the query and key positions, and computes softmax attention under
-`masks.allowed(q_info, k_info)`.
+Every backend takes queries [B, T, N, H], keys and values [B, S, K, H] (grouped-query: N is a multiple of K),
+the `TokenInfo` of the query and key positions and a `masks.Policy`, and computes softmax attention under the
+policy's mask (`masks.allowed`, AnSAN, by default). The dense paths run any policy; the sparse paths run the
+policies whose keys are all in the query's sentence or anchors (`Policy.within_ansan`).
 
 `cudnn_causal` is the one backend that does not read the rule: cuDNN's mask-free causal flash attention over
 each row's valid prefix. It equals the rule only for anchor-free rows holding one document followed by padding,
@@ -27,20 +28,27 @@ def attend(
     q_info: masks.TokenInfo,
     k_info: masks.TokenInfo,
     impl: str = "xla",
+    policy: masks.Policy = masks.ANSAN_POLICY,
 ) -> jax.Array:
-    """Masked attention; returns [B, T, N, H] in the dtype of the queries."""
+    """Attention under `policy`'s mask; returns [B, T, N, H] in the dtype of the queries."""
     if impl == "xla":
-        return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+        return _xla(q_BTNH, k_BSKH, v_BSKH, policy.mask(q_info, k_info))
     if impl == "cudnn":
-        return _cudnn(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+        return _cudnn(q_BTNH, k_BSKH, v_BSKH, policy.mask(q_info, k_info))
     if impl in ("cudnn_causal", "anchor", "anchor_pallas"):
         # These serve self-attention; queries against a KV cache take the dense path.
         if q_info is not k_info or q_BTNH.shape[1] != k_BSKH.shape[1]:
-            return _xla(q_BTNH, k_BSKH, v_BSKH, masks.allowed(q_info, k_info))
+            return _xla(q_BTNH, k_BSKH, v_BSKH, policy.mask(q_info, k_info))
         if impl == "cudnn_causal":
             return _causal(q_BTNH, k_BSKH, v_BSKH, q_info, "cudnn")
+        # The Pallas kernels hard-wire AnSAN (on rows without anchors: causal); the JAX path takes the mask.
+        if not policy.within_ansan or (impl == "anchor_pallas" and policy.name not in ("full", "ansan")):
+            raise ValueError(
+                f"attention={impl} computes {'full and ansan' if impl == 'anchor_pallas' else 'AnSAN-shaped'} "
+                f"masks only, not policy {policy}; use attention=xla or cudnn for it"
+            )
         kernel = "pallas" if impl == "anchor_pallas" else "jax"
-        return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel)
+        return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel, rule=policy.mask)
     raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn, cudnn_causal, anchor or anchor_pallas")
 
 

@@ -60,6 +60,10 @@ class ModelConfig:
     # "ac" (the added <AC> token). anchor_ids are the token ids that count as anchors in ep/ac.
     anchor_mode: str = "full"
     anchor_ids: tuple[int, ...] = ()
+    # Attention policy the model trains and runs under, as a `masks.parse_policy` spec such as
+    # "streaming:sinks=4,window=252" or "ansan-bounded:anchors=16" ("" = the anchor mode's own mask: causal for
+    # "full", AnSAN for ep/ac). Set it in training with model.overrides.policy; docs/policies.md lists the policies.
+    policy: str = ""
     pad_id: int | None = None
     bos_id: int | None = None
     eos_id: int | None = None

@@ -1,14 +1,14 @@
-"""Anchor-cache inference: jitted prefill, one-loop decode, prefix scoring, sampling, and a CLI.
+"""Policy-masked inference with a KV cache: jitted prefill, one-loop decode, prefix scoring, sampling, and a CLI.
 
-Every path computes the same function as one forward over the whole row under the AnSAN mask: new tokens
-carry their true absolute positions and anchor counts (`masks.TokenInfo`) and attend to the cached entries
-through `masks.allowed`; the "anchor" policy only drops entries no later query can see (kvcache.py).
+Every path computes the same function as one forward over the whole row under the cache's mask (AnSAN for the
+"anchor" policy): new tokens carry their true absolute positions and anchor counts (`masks.TokenInfo`) and
+attend to the cached entries under that mask; a policy only drops entries no later query can see (kvcache.py).
 
     cache, last_logits = prefill(model, prompts, policy="anchor")           # chunked, bucketed, jitted
     result = generate(model, prompts, policy="anchor", max_new_tokens=32)   # prefill + one lax.while_loop
     logprobs, greedy = score_continuations(model, cache, last_logits, continuations)
 
-CLI: python -m anllm_jax.generate --checkpoint smollm2 --prompt "..." [--cache anchor|full|none] [--json]
+CLI: python -m anllm_jax.generate --checkpoint smollm2 --prompt "..." [--cache anchor|full|none|POLICY] [--json]
      python -m anllm_jax.generate --checkpoint DIR --prompt-file prompts.jsonl --batch-size 8   # JSON lines out
 """
 
@@ -23,16 +23,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anllm_jax import kvcache, masks, sampling
+from anllm_jax import cli_args, kvcache, masks, sampling
+from anllm_jax.cli_args import read_prompts
 from anllm_jax.kvcache import KVCache
-from anllm_jax.model import Llama, mask_anchor_ids
+from anllm_jax.model import Llama, mask_policy, policy_anchor_ids
 
 _MIN_BUCKET = 16
 _CAPACITY_MULTIPLE = 64
@@ -109,7 +109,7 @@ def _extend(
     [B, K, V] at the slots `logits_at_BK`)."""
     q_info, k_info = kvcache.new_entries(cache, tokens_BT, n_new_B)
     logits_BTV, (k, v) = model.forward(
-        tokens_BT, q_info.order, q_info, (cache.k, cache.v), k_info, cache.length, logits_at_BK
+        tokens_BT, q_info.order, q_info, (cache.k, cache.v), k_info, cache.length, logits_at_BK, cache.rule
     )
     return logits_BTV, kvcache.advance(cache, k, v, k_info, q_info, n_new_B)
 
@@ -131,19 +131,21 @@ def _score_jit(graphdef, state, cache, tokens_BT, n_new_B, first_logits_BV):
     return logp_BT, greedy_BT
 
 
-def _masked_last_logits(model: Llama, buf_BW: jax.Array, len_B: jax.Array, anchor_ids: tuple[int, ...]):
-    """One masked forward over each row's first len_B[b] tokens; logits of each row's last token [B, V]."""
+def _masked_last_logits(
+    model: Llama, buf_BW: jax.Array, len_B: jax.Array, anchor_ids: tuple[int, ...], rule: masks.Policy
+):
+    """One forward over each row's first len_B[b] tokens under `rule`; logits of each row's last token [B, V]."""
     B, W = buf_BW.shape
     in_row_BW = (jnp.arange(W)[None, :] < len_B[:, None]).astype(jnp.int32)
-    info = masks.token_info(buf_BW, jnp.asarray(anchor_ids, jnp.int32), None, in_row_BW)
+    info = masks.token_info(buf_BW, jnp.asarray(anchor_ids, jnp.int32), None, in_row_BW, rule.separator_ids)
     positions_BW = jnp.broadcast_to(jnp.arange(W, dtype=jnp.int32), (B, W))
-    logits_B1V, _ = model.forward(buf_BW, positions_BW, info, logits_at_BK=(len_B - 1)[:, None])
+    logits_B1V, _ = model.forward(buf_BW, positions_BW, info, logits_at_BK=(len_B - 1)[:, None], policy=rule)
     return logits_B1V[:, 0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids):
-    return _masked_last_logits(nnx.merge(graphdef, state), buf_BW, len_B, anchor_ids)
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids, rule):
+    return _masked_last_logits(nnx.merge(graphdef, state), buf_BW, len_B, anchor_ids, rule)
 
 
 def _decode_loop(
@@ -194,8 +196,8 @@ def _decode_cached_jit(graphdef, state, cache, last_logits_BV, key, s: sampling.
     return _decode_loop(step, room, cache, last_logits_BV, key, s)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s: sampling.Sampling, anchor_ids):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s: sampling.Sampling, anchor_ids, rule):
     model = nnx.merge(graphdef, state)
 
     def step(carry, tok_B, active_B):
@@ -203,7 +205,7 @@ def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s
         row_B = jnp.arange(buf_BW.shape[0])
         buf_BW = buf_BW.at[row_B, len_B].set(jnp.where(active_B, tok_B, buf_BW[row_B, len_B]))
         len_B = len_B + active_B.astype(jnp.int32)
-        return _masked_last_logits(model, buf_BW, len_B, anchor_ids), (buf_BW, len_B)
+        return _masked_last_logits(model, buf_BW, len_B, anchor_ids, rule), (buf_BW, len_B)
 
     room = lambda c: c[1] < c[0].shape[1]
     return _decode_loop(step, room, (buf_BW, len_B), last_logits_BV, key, s)
@@ -214,13 +216,18 @@ def _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_logits_BV, key, s
 
 
 def prefill_capacity(
-    tokens_BT: np.ndarray, lengths_B: np.ndarray, anchor_ids: tuple[int, ...], policy: str, chunk: int
+    tokens_BT: np.ndarray,
+    lengths_B: np.ndarray,
+    anchor_ids: tuple[int, ...],
+    policy: str | masks.Policy,
+    chunk: int,
+    rule: masks.Policy | None = None,
 ) -> int:
     """KV slots per row that a prefill in chunks of `chunk` tokens needs (each chunk writes `chunk` slots)."""
     need = 0
     for row, n in zip(tokens_BT, lengths_B, strict=True):
         for start in range(0, tokens_BT.shape[1], chunk):
-            need = max(need, kvcache.kept_after(row[: min(start, n)], anchor_ids, policy) + chunk)
+            need = max(need, kvcache.kept_after(row[: min(start, n)], anchor_ids, policy, rule) + chunk)
     return need
 
 
@@ -228,12 +235,12 @@ def prefill(
     model: Llama,
     tokens: Sequence[Sequence[int]] | np.ndarray,
     lengths: Sequence[int] | np.ndarray | None = None,
-    policy: str = "anchor",
+    policy: str | masks.Policy = "anchor",
     capacity: int | None = None,
     *,
     chunk_size: int | None = None,
     padding_side: str = "right",
-    mask: str = "model",
+    mask: str | masks.Policy = "model",
     reserve: int = 0,
 ) -> tuple[KVCache, jax.Array]:
     """Run prompts through a fresh cache. Returns (cache, float32 [B, V] logits of each row's last token).
@@ -242,12 +249,13 @@ def prefill(
     padded to a power-of-two bucket, or cut into chunks of `chunk_size` tokens (exact: each chunk attends to
     the cache left by the previous ones). capacity: slots per row (default: what the prompts need plus
     `reserve`, rounded up to a multiple of 64); too small a capacity is an error, never a silent overwrite.
-    mask: the attention mask of the model's forward ("model", "full" or "anchor", see `model.mask_anchor_ids`).
+    policy: "full" (keep every entry), or an evicting policy ("anchor" or a `masks.Policy`, kvcache.py), which
+    attends under its own mask. mask: the full cache's attention mask (see `model.mask_policy`).
     """
-    anchor_ids = mask_anchor_ids(model.cfg, mask)
-    kvcache.check_policy(policy, anchor_ids)
     if policy == "none":
         raise ValueError("cache policy 'none' keeps no cache to prefill; use generate(..., policy='none')")
+    rule = kvcache.cache_rule(model.cfg, policy, mask)
+    anchor_ids = policy_anchor_ids(model.cfg, rule)
     tokens_BT, lengths_B = _as_batch(tokens, lengths, padding_side)
     longest = int(lengths_B.max())
     _warn_past_context(model, longest, "the prompts")
@@ -256,17 +264,17 @@ def prefill(
         raise ValueError(f"chunk_size={chunk_size} must be at least 1")
     width = _round_up(longest, chunk)
     tokens_BT = np.pad(tokens_BT[:, :width], ((0, 0), (0, width - min(width, tokens_BT.shape[1]))))
-    need = prefill_capacity(tokens_BT, lengths_B, anchor_ids, policy, chunk)
-    kept = max(kvcache.kept_after(r[:n], anchor_ids, policy) for r, n in zip(tokens_BT, lengths_B, strict=True))
+    need = prefill_capacity(tokens_BT, lengths_B, anchor_ids, policy, chunk, rule)
+    kept = max(kvcache.kept_after(r[:n], anchor_ids, policy, rule) for r, n in zip(tokens_BT, lengths_B, strict=True))
     need = max(need, kept + reserve)
     if capacity is None:
         capacity = _round_up(need, _CAPACITY_MULTIPLE)
     elif capacity < need:
         raise ValueError(
             f"capacity={capacity} KV slots per row is too small: these prompts need {need} "
-            f"(chunk {chunk}, policy {policy!r}); pass capacity>={need} or a smaller chunk_size"
+            f"(chunk {chunk}, policy {str(policy)!r}); pass capacity>={need} or a smaller chunk_size"
         )
-    cache = kvcache.init(model.cfg, len(lengths_B), capacity, policy, anchor_ids)
+    cache = kvcache.init(model.cfg, len(lengths_B), capacity, policy, anchor_ids, rule)
     graphdef, state = nnx.split(model)
     last_BV = None
     for start in range(0, width, chunk):
@@ -344,7 +352,7 @@ def generate(
     prompts: Sequence[Sequence[int]] | np.ndarray,
     lengths: Sequence[int] | np.ndarray | None = None,
     *,
-    policy: str = "anchor",
+    policy: str | masks.Policy = "anchor",
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -356,13 +364,14 @@ def generate(
     capacity: int | None = None,
     chunk_size: int | None = None,
     padding_side: str = "right",
-    mask: str = "model",
+    mask: str | masks.Policy = "model",
     on_overflow: str = "error",
 ) -> Generation:
-    """Generate for a batch of prompts with the "anchor", "full" or "none" (recompute) cache policy.
+    """Generate for a batch of prompts with the "anchor", "full", "none" (recompute) or another cache policy.
 
-    Decoding is one jitted while_loop with the cache donated; a row that generates an anchor compacts its
-    cache (policy "anchor"). Rows stop at a stop id, after max_new_tokens, or when their cache is full:
+    Decoding is one jitted while_loop with the cache donated; an evicting policy compacts a row's cache when an
+    entry becomes unreachable (policy "anchor": when the row generates an anchor). Rows stop at a stop id, after
+    max_new_tokens, or when their cache is full:
     on_overflow="error" raises then, "stop" returns the row with finish_reason "cache_full". Stop strings
     need a tokenizer: one-token stop strings stop decoding, longer ones cut the text afterwards.
     """
@@ -376,8 +385,8 @@ def generate(
         if len(ids) == 1:
             stop_ids.append(ids[0])
     settings = sampling.settings(max_new_tokens, temperature, top_k, top_p, stop_ids)
-    anchor_ids = mask_anchor_ids(model.cfg, mask)
-    kvcache.check_policy(policy, anchor_ids)
+    rule = mask_policy(model.cfg, mask) if policy == "none" else kvcache.cache_rule(model.cfg, policy, mask)
+    anchor_ids = policy_anchor_ids(model.cfg, rule)
     tokens_BT, lengths_B = _as_batch(prompts, lengths, padding_side)  # right-padded from here on
     longest = int(lengths_B.max())
     if policy == "none" or longest <= model.cfg.max_seq_len:  # else prefill warns about the prompts themselves
@@ -391,10 +400,10 @@ def generate(
             raise ValueError(f"capacity={W} cannot hold the prompts ({longest} tokens) plus one more; raise it")
         buf_BW = jnp.asarray(np.pad(tokens_BT[:, :W], ((0, 0), (0, max(0, W - tokens_BT.shape[1])))))
         len_B = jnp.asarray(lengths_B)
-        last_BV = jax.block_until_ready(_recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids))
+        last_BV = jax.block_until_ready(_recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids, rule))
         t1 = time.perf_counter()
         cache = None
-        out = _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_BV, key, settings, anchor_ids)
+        out = _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_BV, key, settings, anchor_ids, rule)
         out_tok_BN, out_lp_BN, full_B = jax.device_get(out[1:])
     else:
         cache, last_BV = prefill(
@@ -407,12 +416,12 @@ def generate(
             mask=mask,
             reserve=max_new_tokens + 1 if capacity is None else 0,
         )
-        if policy == "anchor" and capacity is None:
-            # Prefill needed room for a whole chunk; decoding needs only the kept entries plus the new tokens.
-            longest = int(np.max(jax.device_get(cache.length)))
-            cache = kvcache.resize(
-                cache, min(cache.capacity, _round_up(longest + max_new_tokens + 1, _CAPACITY_MULTIPLE))
-            )
+        if cache.evict and capacity is None:
+            # Prefill needed room for a whole chunk; decoding needs only the kept entries plus the new tokens, and
+            # a bounded policy never keeps more than its bound (plus the slot written and the one kept free).
+            need = int(np.max(jax.device_get(cache.length))) + max_new_tokens + 1
+            need = min(need, need if rule.bound is None else rule.bound + 2)
+            cache = kvcache.resize(cache, min(cache.capacity, _round_up(need, _CAPACITY_MULTIPLE)))
         jax.block_until_ready(last_BV)
         t1 = time.perf_counter()
         cache, out_tok_BN, out_lp_BN, full_B = _decode_cached_jit(graphdef, state, cache, last_BV, key, settings)
@@ -452,31 +461,6 @@ def generate(
 # CLI
 
 
-def read_prompts(path: str) -> list[dict]:
-    """Prompts of a file: JSON lines with a "prompt" key (other keys are kept and echoed back), or else one
-    prompt per non-empty line of plain text."""
-    try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise ValueError(
-            f"prompt file {path} does not exist; pass a text file (one prompt per line) or JSONL"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    if not path.endswith((".jsonl", ".json")):
-        return [{"prompt": line} for line in lines]
-    records = []
-    for i, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i} is not JSON ({e.msg}); write one object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f'{path} line {i} has no string "prompt" key; write {{"prompt": "...", ...}} per line')
-        records.append(record)
-    return records
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m anllm_jax.generate", description=__doc__.split("\n")[0])
     p.add_argument(
@@ -492,7 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prints one JSON line per prompt, in order",
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (--prompt-file)")
-    p.add_argument("--cache", choices=kvcache.POLICIES, default=None, help="default: anchor if the model has anchors")
+    p.add_argument(
+        "--cache",
+        choices=kvcache.POLICIES,
+        default=None,
+        help="full, none, or a policy (anchor = ansan); default: the model's own (anchor for ep/ac models)",
+    )
     p.add_argument("--anchor-mode", choices=("ep", "ac", "full"), default=None, help="default: the model's own")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -504,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default: one chunk)")
     p.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32 (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    cli_args.add_arguments(p)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size={args.batch_size} must be at least 1")
@@ -534,10 +524,13 @@ def _cli(args: argparse.Namespace) -> int:
     if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
         model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     anchor_mode = model.cfg.anchor_mode
-    policy = args.cache or ("anchor" if anchor_mode != "full" else "full")
+    choice = args.cache or model.cfg.policy or ("anchor" if anchor_mode != "full" else "full")
+    cli_args.check_used([masks.parse_policy(choice).name if choice != "none" else choice], args)
+    policy = choice if choice in ("full", "none", "anchor") else cli_args.from_args(choice, args, tokenizer)
+    rule = mask_policy(model.cfg) if policy == "none" else kvcache.cache_rule(model.cfg, policy)
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
-    anchor_ids = list(mask_anchor_ids(model.cfg))
+    anchor_ids = list(policy_anchor_ids(model.cfg, rule))
     kept = full = 0
     for lo in range(0, len(requests), args.batch_size):
         batch = requests[lo : lo + args.batch_size]
@@ -572,7 +565,7 @@ def _cli(args: argparse.Namespace) -> int:
                 "tokens": gen.tokens[b],
                 "logprobs": [lp if math.isfinite(lp) else None for lp in gen.logprobs[b]],
                 "finish_reason": gen.finish_reason[b],
-                "cache": policy,
+                "cache": str(policy),
                 "anchor_mode": anchor_mode,
                 "anchor_ids": anchor_ids,
                 "prompt_ids": prompt,

@@ -1,16 +1,16 @@
-"""Preallocated KV cache for anchor-based inference, and its compaction.
+"""Preallocated KV cache for policy-masked inference, and its compaction.
 
 Each row of the cache holds its entries in slots [0, length); later slots are empty (`info.valid` False).
-Every slot carries the `masks.TokenInfo` of the token it stores: `order` is the token's true absolute position
-(RoPE positions are never re-numbered), `seg` the number of anchors before it in its row's stream, `anchor` and
-`valid` flags, and `doc` (constant: one stream per row). With these attributes `masks.allowed` applies the
-AnSAN rule between new queries and cached keys exactly as one forward over the whole row would.
+Every slot carries the `masks.TokenInfo` of the token it stores: `order` and `pos` are the token's true absolute
+position (RoPE positions are never re-numbered), `seg` and `nsep` the anchors and separators before it in its
+row's stream, `anchor`, `sep` and `valid` flags, and `doc` (constant: one stream per row). New queries attend the
+cache under the cache's policy (`rule`), with these attributes exactly as one forward over the whole row would.
 
-Policies:
-- "full": keep every entry (an ordinary KV cache).
-- "anchor": after a forward whose new tokens hold anchors, each row keeps only [earlier anchors, new anchors,
-  tokens after its last new anchor]. No later query can see a dropped entry: it is a non-anchor of a closed
-  sentence, and every later query lies in a later sentence.
+Cache policies:
+- "full": keep every entry (an ordinary KV cache); it serves any mask, by default the model's own.
+- a `masks.Policy` ("anchor" names ansan): after every forward, each row keeps exactly the entries that some later
+  query can still attend under the policy's mask (`masks.reachable`); for ansan these are [anchors, tokens after
+  the last anchor]. Policies with a bound (`Policy.bound`) never hold more entries than it between forwards.
 - "none": no cache; every step recomputes the whole prefix (the timing baseline, handled in generate.py).
 """
 
@@ -24,9 +24,9 @@ import numpy as np
 
 from anllm_jax import masks
 from anllm_jax.config import ModelConfig
-from anllm_jax.model import write_rows
+from anllm_jax.model import mask_policy, write_rows
 
-POLICIES = ("full", "anchor", "none")
+POLICIES = ("full", "anchor", "none", *masks.POLICY_NAMES[1:])
 
 
 @jax.tree_util.register_dataclass
@@ -34,9 +34,10 @@ POLICIES = ("full", "anchor", "none")
 class KVCache:
     """k, v: [L, B, S, K, H] in the compute dtype; info: TokenInfo [B, S] of every slot.
 
-    length: int32 [B], occupied slots per row. n_anchors: int32 [B], anchors seen so far in the row's stream
-    (the `seg` of the row's next token). next_pos: int32 [B], absolute position of the row's next token.
-    policy and anchor_ids are static: they fix which entries survive and what counts as an anchor.
+    length: int32 [B], occupied slots per row. n_anchors, n_seps: int32 [B], anchors and separators seen so far in
+    the row's stream (the `seg` and `nsep` of its next token). next_pos: int32 [B], absolute position of the row's
+    next token. rule, evict and anchor_ids are static: the policy new queries attend under, whether entries no
+    later query can attend are dropped (False: the full cache), and what counts as an anchor.
     """
 
     k: jax.Array
@@ -45,7 +46,9 @@ class KVCache:
     length: jax.Array
     n_anchors: jax.Array
     next_pos: jax.Array
-    policy: str = dataclasses.field(metadata={"static": True})
+    n_seps: jax.Array
+    rule: masks.Policy = dataclasses.field(metadata={"static": True})
+    evict: bool = dataclasses.field(metadata={"static": True})
     anchor_ids: tuple[int, ...] = dataclasses.field(metadata={"static": True})
 
     @property
@@ -55,6 +58,11 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def policy(self) -> str:
+        """ "full" or the spec of the evicting policy."""
+        return str(self.rule) if self.evict else "full"
 
     def bytes_per_entry(self) -> int:
         """Bytes of keys plus values of one token over all layers."""
@@ -76,31 +84,43 @@ class KVCache:
         }
 
 
-def check_policy(policy: str, anchor_ids: tuple[int, ...]) -> None:
-    if policy not in POLICIES:
-        raise ValueError(f"cache policy {policy!r} is not one of {', '.join(POLICIES)}")
-    if policy == "anchor" and not anchor_ids:
-        raise ValueError(
-            "cache policy 'anchor' needs anchor ids, but the anchor mode is 'full'; "
-            "use an ep/ac model (or anchor_mode='ep'/'ac') or cache policy 'full'"
-        )
-
-
-def init(cfg: ModelConfig, batch: int, capacity: int, policy: str, anchor_ids: tuple[int, ...]) -> KVCache:
-    """An empty cache of `capacity` slots per row."""
-    check_policy(policy, anchor_ids)
+def cache_rule(cfg: ModelConfig, policy: str | masks.Policy, mask: str | masks.Policy = "model") -> masks.Policy:
+    """The policy new queries attend under with cache policy `policy`: the model's `mask` for the full cache,
+    else the policy itself (checked against the model by `model.mask_policy`)."""
     if policy == "none":
         raise ValueError("cache policy 'none' keeps no cache; use generate(..., policy='none') instead")
+    if policy == "full":
+        return mask_policy(cfg, mask)
+    rule = mask_policy(cfg, masks.parse_policy(policy))
+    if mask != "model" and mask_policy(cfg, mask) != rule:
+        raise ValueError(f"cache policy {rule} attends under its own mask; mask={mask!r} applies to the full cache")
+    return rule
+
+
+def init(
+    cfg: ModelConfig,
+    batch: int,
+    capacity: int,
+    policy: str | masks.Policy,
+    anchor_ids: tuple[int, ...],
+    rule: masks.Policy | None = None,
+) -> KVCache:
+    """An empty cache of `capacity` slots per row. Without `rule`, a full cache attends under AnSAN over
+    `anchor_ids` (plain causal when there are none)."""
+    evict = policy != "full"
+    if rule is None:
+        rule = masks.parse_policy(policy) if evict else masks.ANSAN_POLICY if anchor_ids else masks.FULL
+    if rule.reads_anchors and not anchor_ids:
+        raise ValueError(
+            f"cache policy {'anchor' if rule.name == 'ansan' else rule} needs anchor ids, but the anchor mode is "
+            "'full'; use an ep/ac model (or anchor_mode='ep'/'ac') or cache policy 'full'"
+        )
     shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
     # Separate buffers for every leaf: the cache is donated, and a buffer may be donated only once.
     zeros_BS = lambda dtype: jnp.zeros((batch, capacity), dtype)
     zeros_B = lambda: jnp.zeros((batch,), jnp.int32)
     info = masks.TokenInfo(
-        order=zeros_BS(jnp.int32),
-        seg=zeros_BS(jnp.int32),
-        anchor=zeros_BS(bool),
-        valid=zeros_BS(bool),
-        doc=zeros_BS(jnp.int32),
+        **{f.name: zeros_BS(bool if f.name in ("anchor", "valid", "sep") else jnp.int32) for f in _INFO_FIELDS}
     )
     return KVCache(
         k=jnp.zeros(shape, cfg.dtype),
@@ -109,9 +129,14 @@ def init(cfg: ModelConfig, batch: int, capacity: int, policy: str, anchor_ids: t
         length=zeros_B(),
         n_anchors=zeros_B(),
         next_pos=zeros_B(),
-        policy=policy,
+        n_seps=zeros_B(),
+        rule=rule,
+        evict=evict and rule.evicts,
         anchor_ids=tuple(anchor_ids),
     )
+
+
+_INFO_FIELDS = dataclasses.fields(masks.TokenInfo)
 
 
 def new_entries(cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Array) -> tuple[masks.TokenInfo, masks.TokenInfo]:
@@ -121,13 +146,17 @@ def new_entries(cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Array) -> tup
     t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid_BT = t_BT < n_new_B[:, None]
     anchor_BT = masks.is_anchor(tokens_BT, jnp.asarray(cache.anchor_ids, jnp.int32)) & valid_BT
-    a_BT = anchor_BT.astype(jnp.int32)
+    sep_BT = masks.is_anchor(tokens_BT, jnp.asarray(cache.rule.separator_ids, jnp.int32)) & valid_BT
+    count_before = lambda start_B, flags_BT: start_B[:, None] + jnp.cumsum(flags_BT, axis=1, dtype=jnp.int32) - flags_BT
     q_info = masks.TokenInfo(
         order=cache.next_pos[:, None] + t_BT,
-        seg=cache.n_anchors[:, None] + jnp.cumsum(a_BT, axis=1) - a_BT,
+        seg=count_before(cache.n_anchors, anchor_BT.astype(jnp.int32)),
         anchor=anchor_BT,
         valid=valid_BT,
         doc=jnp.zeros((B, T), jnp.int32),
+        pos=cache.next_pos[:, None] + t_BT,
+        sep=sep_BT,
+        nsep=count_before(cache.n_seps, sep_BT.astype(jnp.int32)),
     )
     return q_info, jax.tree.map(lambda buf, new: write_rows(buf, new, cache.length), cache.info, q_info)
 
@@ -136,7 +165,7 @@ def advance(
     cache: KVCache, k: jax.Array, v: jax.Array, k_info: masks.TokenInfo, q_info: masks.TokenInfo, n_new_B: jax.Array
 ) -> KVCache:
     """The cache once the forward wrote the new entries (`k`, `v`, `k_info` from `new_entries`): counters moved
-    on and, under the anchor policy, compacted when new anchors arrived."""
+    on and, for an evicting policy, compacted when an entry became unreachable."""
     cache = dataclasses.replace(
         cache,
         k=k,
@@ -145,31 +174,38 @@ def advance(
         length=cache.length + n_new_B,
         n_anchors=cache.n_anchors + jnp.sum(q_info.anchor, axis=1, dtype=jnp.int32),
         next_pos=cache.next_pos + n_new_B,
+        n_seps=cache.n_seps + jnp.sum(q_info.sep, axis=1, dtype=jnp.int32),
     )
-    if cache.policy == "anchor":
-        cache = jax.lax.cond(jnp.any(q_info.anchor), compact, lambda c: c, cache)
+    if cache.evict:
+        keep_BS = reachable(cache)
+        cache = jax.lax.cond(jnp.any(cache.info.valid & ~keep_BS), compact, lambda c, _: c, cache, keep_BS)
     return cache
 
 
-def compact(cache: KVCache) -> KVCache:
-    """Keep, per row, [anchors, tokens after the last anchor] at the front, in order; static shapes.
+def reachable(cache: KVCache) -> jax.Array:
+    """bool[B, S]: entries some later query of the row can still attend under the cache's policy."""
+    next_q = masks.next_queries(cache.next_pos, cache.n_anchors, cache.n_seps, bool(cache.anchor_ids))
+    return masks.reachable(cache.rule.mask, cache.info, next_q)
 
-    Idempotent: a row whose entries are all anchors or open-sentence tokens is left unchanged.
+
+def compact(cache: KVCache, keep_BS: jax.Array | None = None) -> KVCache:
+    """Keep, per row, the entries a later query can still attend (`reachable`) at the front, in order; static
+    shapes.
+
+    Invariant: afterwards a row holds exactly the entries that some query after its stream so far may attend under
+    the cache's policy, so attending the compacted cache equals attending every token the row has seen.
+    Idempotent: a row whose entries are all reachable is left unchanged.
     """
-    info = cache.info
-    keep_BS = info.valid & (info.anchor | (info.seg == cache.n_anchors[:, None]))
+    keep_BS = reachable(cache) if keep_BS is None else keep_BS
     # A stable sort of "not kept" moves kept slots to the front in their original order.
     src_BS = jnp.argsort(~keep_BS, axis=1, stable=True)
     new_len_B = jnp.sum(keep_BS, axis=1, dtype=jnp.int32)
     gather_BS = lambda x: jnp.take_along_axis(x, src_BS, axis=1)
     gather_kv = lambda x: jnp.take_along_axis(x, src_BS[None, :, :, None, None], axis=2)
     valid_BS = jnp.arange(cache.capacity)[None, :] < new_len_B[:, None]
-    new_info = masks.TokenInfo(
-        order=gather_BS(info.order),
-        seg=gather_BS(info.seg),
-        anchor=gather_BS(info.anchor) & valid_BS,
-        valid=valid_BS,
-        doc=gather_BS(info.doc),
+    new_info = jax.tree.map(gather_BS, cache.info)
+    new_info = dataclasses.replace(
+        new_info, valid=valid_BS, anchor=new_info.anchor & valid_BS, sep=new_info.sep & valid_BS
     )
     return dataclasses.replace(cache, k=gather_kv(cache.k), v=gather_kv(cache.v), info=new_info, length=new_len_B)
 
@@ -203,15 +239,27 @@ def tile(cache: KVCache, batch: int) -> KVCache:
         length=rep(cache.length),
         n_anchors=rep(cache.n_anchors),
         next_pos=rep(cache.next_pos),
+        n_seps=rep(cache.n_seps),
     )
 
 
-def kept_after(tokens: np.ndarray, anchor_ids: tuple[int, ...], policy: str) -> int:
-    """Entries a row holds after its tokens (1-D, real tokens only) went through the cache."""
+def kept_after(
+    tokens: np.ndarray, anchor_ids: tuple[int, ...], policy: str | masks.Policy, rule: masks.Policy | None = None
+) -> int:
+    """Entries a row holds after its tokens (1-D, real tokens only) went through a cache of `policy` ("full", or
+    an evicting policy, whose rule is itself): the same attributes and `masks.reachable` as the device, on the host."""
+    tokens = np.asarray(tokens)
     if policy == "full" or len(tokens) == 0:
         return len(tokens)
-    is_a = np.isin(tokens, np.asarray(anchor_ids, dtype=np.asarray(tokens).dtype))
-    if not is_a.any():
+    rule = masks.parse_policy(policy) if rule is None else rule
+    if not rule.evicts:
         return len(tokens)
-    last = int(np.nonzero(is_a)[0][-1])
-    return int(is_a.sum()) + len(tokens) - 1 - last
+    info = masks.token_info(tokens.reshape(1, -1), np.asarray(anchor_ids, np.int64), None, None, rule.separator_ids)
+    last = lambda x: np.asarray([x[0, -1]])
+    next_q = masks.next_queries(
+        np.asarray([len(tokens)]),
+        last(info.seg) + last(info.anchor),
+        last(info.nsep) + last(info.sep),
+        bool(anchor_ids),
+    )
+    return int(masks.reachable(rule.mask, info, next_q).sum())

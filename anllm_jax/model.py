@@ -63,6 +63,8 @@ class Blocks(nnx.Module):
 
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.policy:
+            masks.parse_policy(cfg.policy)  # a bad spec fails here, not at the first forward
         self.cfg = cfg
         self.embed = _param(
             _init("normal", rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.param_dtype), ("vocab", "embed")
@@ -80,20 +82,21 @@ class Llama(nnx.Module):
         *,
         segment_ids_BT: jax.Array | None = None,
         positions_BT: jax.Array | None = None,
-        mask: str = "model",
+        mask: str | masks.Policy = "model",
         logits_at_BK: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits float32[B, T, vocab] under the attention mask `mask` (see `mask_anchor_ids`); only at positions
+        """Logits float32[B, T, vocab] under the attention mask `mask` (see `mask_policy`); only at positions
         `logits_at_BK` ([B, K], giving [B, K, vocab]) when those are given.
 
         `segment_ids_BT` are packed-document ids (0 marks padding); positions restart in each document
         unless `positions_BT` is given.
         """
-        anchor_ids = jnp.asarray(mask_anchor_ids(self.cfg, mask), jnp.int32)
-        info = masks.token_info(tokens_BT, anchor_ids, self.cfg.pad_id, segment_ids_BT)
+        policy = mask_policy(self.cfg, mask)
+        anchor_ids = jnp.asarray(policy_anchor_ids(self.cfg, policy), jnp.int32)
+        info = masks.token_info(tokens_BT, anchor_ids, self.cfg.pad_id, segment_ids_BT, policy.separator_ids)
         if positions_BT is None:
             positions_BT = positions_from_segments(segment_ids_BT, tokens_BT.shape)
-        logits, _ = self.forward(tokens_BT, positions_BT, info, logits_at_BK=logits_at_BK)
+        logits, _ = self.forward(tokens_BT, positions_BT, info, logits_at_BK=logits_at_BK, policy=policy)
         return logits
 
     def forward(
@@ -105,8 +108,9 @@ class Llama(nnx.Module):
         k_info: masks.TokenInfo | None = None,
         write_start_B: jax.Array | None = None,
         logits_at_BK: jax.Array | None = None,
+        policy: masks.Policy = masks.ANSAN_POLICY,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Shared forward pass. Returns (logits float32[B, T, V], updated cache or None).
+        """Shared forward pass under `policy`'s mask. Returns (logits float32[B, T, V], updated cache or None).
 
         `logits_at_BK` (int [B, K]) computes the output head only at those positions, giving [B, K, V]: the
         head is a fifth of a small model's FLOPs and most positions' logits are often not needed.
@@ -135,7 +139,7 @@ class Llama(nnx.Module):
             if kv is not None:
                 kv = (write_rows(kv[0], k, write_start_B, i), write_rows(kv[1], v, write_start_B, i))
                 k, v = kv[0][i], kv[1][i]
-            o = attention.attend(q, k, v, q_info, k_info, cfg.attention)
+            o = attention.attend(q, k, v, q_info, k_info, cfg.attention, policy)
             x_BTD = x_BTD + matmul(o, p["wo"], 2)
             h = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
             g = jax.nn.silu(matmul(h, p["w_gate"]))
@@ -169,26 +173,51 @@ def matmul(x: jax.Array, w: jax.Array, k: int = 1, preferred_element_type: jnp.d
 MASKS = ("model", "full", "anchor")
 
 
-def mask_anchor_ids(cfg: ModelConfig, mask: str = "model") -> tuple[int, ...]:
-    """The anchor ids that decide attention under `mask`, the one place they are derived from a model config:
-    "full" none (plain causal); "anchor" the model's anchor ids (the AnSAN mask, also for a full-attention model
-    that knows anchor ids, e.g. to measure what it would lose under the mask); "model" the mask the model was set
-    up with (none when its anchor_mode is "full", else its anchor ids)."""
-    if mask not in MASKS:
-        raise ValueError(f"mask={mask!r} is not one of {', '.join(MASKS)}")
-    if mask == "full" or (mask == "model" and cfg.anchor_mode == "full"):
-        return ()
+def mask_policy(cfg: ModelConfig, mask: str | masks.Policy = "model") -> masks.Policy:
+    """The attention policy `mask` names for a model, checked against it: "full" plain causal; "anchor" AnSAN
+    over the model's anchor ids (also for a full-attention model that knows anchor ids, e.g. to measure what it
+    would lose under the mask); "model" the policy the model was set up with (`cfg.policy`, else causal when its
+    anchor_mode is "full" and AnSAN otherwise); a `masks.Policy` itself."""
+    if isinstance(mask, masks.Policy):
+        policy = mask
+    elif mask not in MASKS:
+        raise ValueError(f"mask={mask!r} is not one of {', '.join(MASKS)} (or a masks.Policy)")
+    elif mask == "full" or (mask == "model" and not cfg.policy and cfg.anchor_mode == "full"):
+        return masks.FULL
+    elif mask == "anchor":
+        policy = masks.ANSAN_POLICY
+    else:
+        policy = masks.ANSAN_POLICY if not cfg.policy else masks.parse_policy(cfg.policy)
+    if policy.name == "full":
+        return policy
+    what = "AnSAN" if policy.name == "ansan" else policy.name
     if cfg.attention == "cudnn_causal":
         raise ValueError(
-            "the AnSAN mask needs an attention path that reads it, but attention=cudnn_causal is plain causal; "
-            "switch the model to attention=cudnn, xla, anchor or anchor_pallas"
+            f"the {what} mask needs an attention path that reads it, but attention=cudnn_causal is plain "
+            "causal; switch the model to attention=cudnn, xla, anchor or anchor_pallas"
         )
-    if not cfg.anchor_ids:
+    if policy.reads_anchors and not cfg.anchor_ids:
         raise ValueError(
-            "the AnSAN mask needs anchor ids, but the model config has none; put the model in an anchor mode with "
-            "checkpoints.set_anchor_mode(model, tokenizer, 'ep' or 'ac')"
+            f"the {what} mask needs anchor ids, but the model config "
+            "has none; put the model in an anchor mode with checkpoints.set_anchor_mode(model, tokenizer, 'ep' or "
+            "'ac')"
         )
-    return cfg.anchor_ids
+    if policy.reads_separators and not policy.separator_ids:
+        raise ValueError(
+            f"policy {policy} needs separator ids; give them (separator_ids=... or the CLI's --separators)"
+        )
+    return policy
+
+
+def policy_anchor_ids(cfg: ModelConfig, policy: masks.Policy) -> tuple[int, ...]:
+    """The anchor ids that mark anchors under `policy`: the model's, for policies that read anchors."""
+    return cfg.anchor_ids if policy.reads_anchors else ()
+
+
+def mask_anchor_ids(cfg: ModelConfig, mask: str | masks.Policy = "model") -> tuple[int, ...]:
+    """The anchor ids that decide attention under `mask`, the one place they are derived from a model config:
+    none for "full" (plain causal) and for policies that do not read anchors, else the model's anchor ids."""
+    return policy_anchor_ids(cfg, mask_policy(cfg, mask))
 
 
 def write_rows(buf: jax.Array, new_BT: jax.Array, start_B: jax.Array, layer: jax.Array | None = None) -> jax.Array:

@@ -34,7 +34,10 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 def _info(refs, idx=...) -> masks.TokenInfo:
     """TokenInfo [1, L] from five int32 refs (order, seg, anchor, valid, doc) at `idx`."""
     order, seg, anchor, valid, doc = (r[idx][None] for r in refs)
-    return masks.TokenInfo(order=order, seg=seg, anchor=anchor != 0, valid=valid != 0, doc=doc)
+    # The kernels run AnSAN, which reads only these five; the stream attributes repeat `order` and `seg`.
+    return masks.TokenInfo(
+        order=order, seg=seg, anchor=anchor != 0, valid=valid != 0, doc=doc, pos=order, sep=anchor < 0, nsep=seg
+    )
 
 
 def _mask(qi: masks.TokenInfo, ki: masks.TokenInfo, same_seg: bool) -> jax.Array:
