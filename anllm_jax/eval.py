@@ -11,6 +11,9 @@ Modes (each scores every answer option by its log-likelihood, lm-evaluation-harn
   prefix is each question's context shared by its options. Computes the same function as ansan.
 - no-cache: the timing baseline that recomputes the demonstrations for every question and option; it is the
   ansan computation (when both are asked for, one run serves both).
+- POLICY (ansan-bounded, streaming, sepllm, window): one forward under that policy's mask; POLICY-cache (any
+  policy, ansan-cache being anchor-cache): the policy's KV cache of the demonstrations, as anchor-cache does. The
+  parameters come from --sinks, --window, --anchors-kept, --separators-kept, --separators (docs/policies.md).
 
 Rows of token ids are laid out as [demonstrations][question context][option]; only the option's tokens are
 scored. For `ac` models `<AC>` follows each demonstration (and, with --ac-sentences, each of its sentences).
@@ -33,10 +36,18 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from anllm_jax import generate, kvcache, records, tasks
-from anllm_jax.model import Llama, mask_anchor_ids
+from anllm_jax import cli_args, generate, kvcache, masks, records, tasks
+from anllm_jax.eval_reports import markdown_table, plot
+from anllm_jax.model import Llama, mask_anchor_ids, mask_policy, policy_anchor_ids
 
-MODES = ("full", "ansan", "anchor-cache", "no-cache")
+MODES = (
+    "full",
+    "ansan",
+    "anchor-cache",
+    "no-cache",
+    *masks.POLICY_NAMES[2:],
+    *(f"{name}-cache" for name in masks.POLICY_NAMES),
+)
 _COMPILE_EVENTS = frozenset(
     {
         "/jax/core/compile/jaxpr_trace_duration",
@@ -60,7 +71,7 @@ def _bucket(n: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def _masked_loglik_jit(
-    graphdef, state, tokens_BT, segment_ids_BT, at_BK, targets_BK, weights_BK, mask: str
+    graphdef, state, tokens_BT, segment_ids_BT, at_BK, targets_BK, weights_BK, mask: str | masks.Policy
 ) -> jax.Array:
     """Sum over k of weights[b, k] * log p(targets[b, k] | tokens[b, :at[b, k]+1]) under the attention mask
     `mask`; the output head runs only at the positions `at_BK`."""
@@ -77,7 +88,7 @@ def _doc_order(enc: tasks.EncodedTask) -> list[int]:
 
 
 def score_masked(
-    model: Llama, enc: tasks.EncodedTask, mask: str, token_budget: int = 512, progress: bool = True
+    model: Llama, enc: tasks.EncodedTask, mask: str | masks.Policy, token_budget: int = 512, progress: bool = True
 ) -> list[np.ndarray]:
     """Per-document float64 log-likelihoods of each option: one forward per row under the attention mask `mask`,
     all options of a document in one batch, documents batched up to `token_budget` padded tokens."""
@@ -85,7 +96,7 @@ def score_masked(
     out: list[np.ndarray | None] = [None] * len(enc.docs)
     order = _doc_order(enc)
     n_opt = max(len(o) for o in enc.options)
-    bar = tqdm(total=len(order), desc=f"{enc.name} {mask}", disable=not progress, leave=False)
+    bar = tqdm(total=len(order), desc=f"{enc.name} {str(mask).partition(':')[0]}", disable=not progress, leave=False)
     i = 0
     while i < len(order):
         T = _bucket(max(len(enc.row(order[i], o)) for o in range(len(enc.options[order[i]]))))
@@ -135,12 +146,17 @@ def _shared_context(options: list[tuple[list[int], list[int]]]) -> int:
 
 
 def score_cached(
-    model: Llama, enc: tasks.EncodedTask, policy: str = "anchor", batch_size: int = 16, progress: bool = True
+    model: Llama,
+    enc: tasks.EncodedTask,
+    policy: str | masks.Policy = "anchor",
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> tuple[list[np.ndarray], dict[str, int]]:
     """Per-document log-likelihoods against the KV cache of a shared prefix, and statistics of that cache.
 
     policy "anchor": the anchor cache under the model's AnSAN mask (equal to the "ansan" masked forward);
-    "full": every entry under the causal mask (equal to the "full" forward).
+    "full": every entry under the causal mask (equal to the "full" forward); a `masks.Policy`: its cache (equal
+    to the forward under its mask).
     With demonstrations, they are prefilled once and every question + option row is scored against the
     cache. Zero-shot, each document's shared context is prefilled and its options scored against it (a
     document whose options share no token is scored by the masked forward, which is the same function).
@@ -149,7 +165,9 @@ def score_cached(
     out: list[np.ndarray | None] = [None] * len(enc.docs)
     order = _doc_order(enc)
     stats = {"prefix_tokens": len(enc.prefix), "prefix_entries_kept": 0, "prefills": 0}
-    bar = tqdm(total=len(order), desc=f"{enc.name} {policy}-cache", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(order), desc=f"{enc.name} {str(policy).partition(':')[0]}-cache", disable=not progress, leave=False
+    )
 
     def collect(docs: list[int], rows: list[list[int]], logprobs: list[np.ndarray]) -> None:
         k = 0
@@ -178,7 +196,8 @@ def score_cached(
             shared = _shared_context(enc.options[d])
             if shared == 0:
                 single = tasks.EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
-                out[d] = score_masked(model, single, mask, progress=False)[0]
+                rule = mask if policy in ("full", "anchor") else masks.parse_policy(policy)
+                out[d] = score_masked(model, single, rule, progress=False)[0]
             else:
                 cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy=policy, mask=mask)
                 stats["prefix_entries_kept"] += int(jax.device_get(cache.length)[0])
@@ -231,15 +250,30 @@ def anchor_token_id(model: Llama) -> int | None:
     return mask_anchor_ids(model.cfg)[0] if model.cfg.anchor_mode == "ac" else None
 
 
-def kv_counts(enc: tasks.EncodedTask, anchor_ids: tuple[int, ...]) -> tuple[int, int]:
-    """(full cache entries, entries the anchor policy keeps) summed over every scored row."""
+def kv_counts(
+    enc: tasks.EncodedTask, anchor_ids: tuple[int, ...], policy: str | masks.Policy = "anchor"
+) -> tuple[int, int]:
+    """(full cache entries, entries `policy`'s cache keeps at the end of each row) summed over every scored row
+    (the anchor policy keeps everything when there are no anchor ids)."""
     full = kept = 0
     for d, opts in enumerate(enc.options):
         for o in range(len(opts)):
             row = np.asarray(enc.row(d, o))
             full += len(row)
-            kept += kvcache.kept_after(row, anchor_ids, "anchor") if anchor_ids else len(row)
+            plain = policy == "anchor" and not anchor_ids
+            kept += len(row) if plain else kvcache.kept_after(row, anchor_ids, policy)
     return full, kept
+
+
+def mode_policy(model: Llama, mode: str, policies: dict[str, masks.Policy] | None = None) -> masks.Policy:
+    """The policy a mode scores under: its own for policy modes (from `policies`, else its defaults), the
+    model's own mask for ansan and no-cache, causal for full, AnSAN for anchor-cache."""
+    name = mode.removesuffix("-cache")
+    if mode == "anchor-cache" or name == "ansan" and mode != "ansan":
+        return masks.ANSAN_POLICY
+    if mode in ("ansan", "no-cache"):
+        return mask_policy(model.cfg)
+    return (policies or {}).get(name) or masks.Policy(name)
 
 
 def evaluate_task(
@@ -254,8 +288,10 @@ def evaluate_task(
     batch_size: int = 16,
     progress: bool = True,
     seed: int = tasks.FEWSHOT_SEED,
+    policies: dict[str, masks.Policy] | None = None,
 ) -> tuple[dict, dict[str, list[list[float]]]]:
-    """Metrics per mode for one task, and the per-document option log-likelihoods per mode."""
+    """Metrics per mode for one task, and the per-document option log-likelihoods per mode (`policies`: the
+    parameters of policy modes by policy name, default each policy's defaults)."""
     task = tasks.load_task(name)
     demos, docs = tasks.fewshot(task, shots, seed)
     if limit is not None:
@@ -285,16 +321,32 @@ def evaluate_task(
             lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "full", token_budget, progress))
         elif mode in ("ansan", "no-cache"):
             lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "model", token_budget, progress))
-        elif mode == "anchor-cache":
+        elif mode in ("anchor-cache", "ansan-cache"):
             (lls, cache_stats), seconds, compile_s = clock.measure(
                 lambda: score_cached(model, enc, "anchor", batch_size, progress)
             )
             extra |= cache_stats
+        elif mode in MODES:
+            policy = mode_policy(model, mode, policies)
+            extra["policy"] = str(policy)
+            if mode.endswith("-cache"):
+                (lls, cache_stats), seconds, compile_s = clock.measure(
+                    lambda p=policy: score_cached(model, enc, p, batch_size, progress)
+                )
+                extra |= cache_stats
+            else:
+                lls, seconds, compile_s = clock.measure(
+                    lambda p=policy: score_masked(model, enc, p, token_budget, progress)
+                )
         else:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         done[mode] = (lls, seconds, compile_s)
         scores = [tasks.score(doc, ll) for doc, ll in zip(docs, lls, strict=True)]
-        kv_full, kv_kept = kv_counts(enc, anchor_ids if mode != "full" else ())
+        policy = mode_policy(model, mode, policies)
+        if mode in ("ansan", "no-cache", "anchor-cache"):
+            kv_full, kv_kept = kv_counts(enc, anchor_ids)  # the anchor cache's entries, as before policies
+        else:
+            kv_full, kv_kept = kv_counts(enc, policy_anchor_ids(model.cfg, policy), policy)
         result["modes"][mode] = {
             "acc": float(np.mean([s["acc"] for s in scores])) if scores else float("nan"),
             "acc_norm": float(np.mean([s["acc_norm"] for s in scores])) if scores and task.has_acc_norm else None,
@@ -342,74 +394,6 @@ def check_shots(names: Sequence[str], shots: Sequence[int]) -> None:
             tasks.fewshot(task, k)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reports
-
-
-def _fmt(x, pct: bool = False) -> str:
-    if x is None:
-        return "-"
-    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
-
-
-def markdown_table(results: dict) -> str:
-    lines = [] if results.get("complete", True) else ["**Partial results**: the run stopped or is still running.", ""]
-    for shots, per_task in results["results"].items():
-        modes = results["modes"]
-        lines += [
-            f"### {shots}-shot",
-            "",
-            "| task | mode | n | acc | acc_norm | kv_full | kv_kept | kv_reduction % | seconds | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, r in per_task.items():
-            for m in modes:
-                s = r["modes"][m]
-                lines.append(
-                    f"| {name} | {m} | {s['n']} | {_fmt(s['acc'], True)} | {_fmt(s['acc_norm'], True)} | "
-                    f"{s['kv_full']} | {s['kv_kept']} | {_fmt(s['kv_reduction'], True)} | "
-                    f"{s['seconds']:.1f} | {s['compile_seconds']:.1f} |"
-                )
-        for m in modes:
-            accs = [r["modes"][m]["acc"] for r in per_task.values()]
-            lines.append(f"| **average** | {m} | | {_fmt(float(np.mean(accs)), True)} | | | | | | |")
-        ratios = {n: r.get("time_ratio_no_cache_over_anchor_cache") for n, r in per_task.items()}
-        if any(v is not None for v in ratios.values()):
-            lines += ["", "| task | time no-cache / anchor-cache |", "|---|---|"]
-            lines += [f"| {n} | {_fmt(v)} |" for n, v in ratios.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = list(results["results"].items())
-    fig, axes = plt.subplots(len(runs), 2, figsize=(13, 3.6 * len(runs)), squeeze=False)
-    modes = results["modes"]
-    width = 0.8 / len(modes)
-    for row, (shots, per_task) in enumerate(runs):
-        names = list(per_task)
-        x = np.arange(len(names))
-        for k, m in enumerate(modes):
-            acc = [100 * per_task[n]["modes"][m]["acc"] for n in names]
-            red = [100 * per_task[n]["modes"][m]["kv_reduction"] for n in names]
-            axes[row, 0].bar(x + k * width, acc, width, label=m)
-            axes[row, 1].bar(x + k * width, red, width, label=m)
-        for col, title in enumerate(("accuracy (acc, %)", "KV cache reduction (%)")):
-            ax = axes[row, col]
-            ax.set_title(f"{shots}-shot: {title}")
-            ax.set_xticks(x + 0.4 - width / 2, names, rotation=30, ha="right")
-            ax.set_ylim(0, 100)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run(
     model: Llama,
     tokenizer,
@@ -424,6 +408,7 @@ def run(
     checkpoint: str = "",
     output: str | None = None,
     resume: bool = False,
+    policies: dict[str, masks.Policy] | None = None,
 ) -> tuple[dict, dict]:
     """Evaluate every task at every shot count in every mode. Returns (results, log-likelihoods).
 
@@ -440,6 +425,7 @@ def run(
         "anchor_mode": model.cfg.anchor_mode,
         "anchor_ids": list(model.cfg.anchor_ids),
         "modes": list(modes),
+        "policies": {m: str(mode_policy(model, m, policies)) for m in modes},
         "shots": list(shots),
         "limit": limit,
         "fewshot_seed": tasks.FEWSHOT_SEED,
@@ -448,6 +434,7 @@ def run(
         "results": {},
     }
     lls: dict = {}
+    kw = {"policies": policies}
     done, done_lls = _previous_run(results, output) if resume and output is not None else ({}, {})
     for k in shots:
         results["results"][str(k)], lls[str(k)] = {}, {}
@@ -458,7 +445,7 @@ def run(
                 print(f"[{k}-shot] {name}: taken from {output}", file=sys.stderr)
                 continue
             r, ll = evaluate_task(
-                model, tokenizer, name, k, modes, limit, ac_sentences, token_budget, batch_size, progress
+                model, tokenizer, name, k, modes, limit, ac_sentences, token_budget, batch_size, progress, **kw
             )
             results["results"][str(k)][name], lls[str(k)][name] = r, ll
             summary = ", ".join(f"{m} acc {100 * s['acc']:.1f} ({s['seconds']:.1f}s)" for m, s in r["modes"].items())
@@ -470,7 +457,17 @@ def run(
 
 
 # Settings that must match for a resumed run to reuse earlier tasks' results.
-_RUN_KEYS = ("checkpoint", "dtype", "anchor_mode", "anchor_ids", "modes", "limit", "fewshot_seed", "ac_sentences")
+_RUN_KEYS = (
+    "checkpoint",
+    "dtype",
+    "anchor_mode",
+    "anchor_ids",
+    "modes",
+    "policies",
+    "limit",
+    "fewshot_seed",
+    "ac_sentences",
+)
 
 
 def _previous_run(results: dict, output: str) -> tuple[dict, dict]:
@@ -528,11 +525,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="rows per batch in anchor-cache mode")
     p.add_argument("--resume", action="store_true", help="reuse the tasks already in --output (same settings)")
     p.add_argument("--no-progress", action="store_true")
+    cli_args.add_arguments(p)
     args = p.parse_args(argv)
     try:
         names = tasks.resolve_tasks(args.tasks)
         modes = parse_modes(args.mode)
         shots = parse_shots(args.shots)
+        policy_names = [m.removesuffix("-cache") for m in modes if m.removesuffix("-cache") in masks.POLICY_NAMES]
+        cli_args.check_used(policy_names, args)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         check_shots(names, shots)
@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dtype == "float64":  # a numerical reference run: without x64, JAX would compute in float32
             jax.config.update("jax_enable_x64", True)
         model, tokenizer = _load(args.checkpoint, args.dtype)
-        needs_anchors = any(m != "full" for m in modes)
+        needs_anchors = any(m not in ("full", "full-cache") for m in modes)
         if args.anchors and args.anchors != model.cfg.anchor_mode or needs_anchors and model.cfg.anchor_mode == "full":
             from anllm_jax import checkpoints
 
@@ -548,6 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}", file=sys.stderr)
         if args.ac_sentences and model.cfg.anchor_mode != "ac":
             raise ValueError("--ac-sentences needs an ac model (with the <AC> token); drop it or pass an ac checkpoint")
+        policies = {name: cli_args.from_args(name, args, tokenizer) for name in policy_names}
+        for policy in policies.values():
+            mask_policy(model.cfg, policy)  # a policy the model cannot run fails before any scoring
         results, lls = run(
             model,
             tokenizer,
@@ -562,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoint,
             args.output,
             args.resume,
+            policies,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"anllm_jax.eval: error: {e}", file=sys.stderr)
