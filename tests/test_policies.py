@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -287,3 +288,88 @@ def test_policies_a_model_cannot_run():
     gen_lib.prefill(full_model, ROWS, policy=POLICIES[4])  # streaming reads no anchors
     with pytest.raises(ValueError, match="attends under its own mask"):
         gen_lib.prefill(tiny_model(), ROWS, policy=POLICIES[4], mask="full")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny model saved natively with a 32k sentencepiece tokenizer (no anchors of its own)."""
+    import importlib.util
+    from pathlib import Path
+
+    from anllm_jax import checkpoints
+    from anllm_jax.tokenizer import Tokenizer
+
+    sp = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+    tok = Tokenizer.from_sentencepiece(str(sp))
+    path = tmp_path_factory.mktemp("policies") / "tiny"
+    checkpoints.save(init_model(preset("tiny", vocab_size=tok.vocab_size, dtype="float32"), seed=0), tok, str(path))
+    return str(path)
+
+
+PROMPT = "The cat sat on the mat. The dog ran home, and then it slept. A bird sang; the sun rose. Then a fox"
+
+
+def test_generate_cli_runs_every_policy(tiny_checkpoint, capsys):
+    """Every cache policy from the command line, with its parameters; bounded caches stay within their bound."""
+    runs = [
+        ("full", [], None),
+        ("none", [], None),
+        ("anchor", [], None),
+        ("ansan-bounded", ["--anchors-kept", "1", "--window", "4"], 5),
+        ("streaming", ["--sinks", "2", "--window", "6"], 8),
+        ("sepllm", ["--window", "4", "--separators-kept", "2", "--separators", ".", ",", ";"], 4 + 2 + 4),
+        ("window", ["--window", "5"], 5),
+    ]
+    base = ["--checkpoint", tiny_checkpoint, "--prompt", PROMPT, "--anchor-mode", "ep", "--max-new-tokens", "3"]
+    for cache, extra, bound in runs:
+        assert gen_lib.main([*base, "--cache", cache, *extra, "--json"]) == 0, capsys.readouterr().err
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["cache"].split(":")[0] == cache and len(out["tokens"]) == 3
+        fed = len(out["prompt_ids"]) + 2
+        assert out["full_cache_entries"] == fed
+        if cache == "full":
+            assert out["cache_entries"] == fed
+        if bound is not None:
+            assert 0 < out["cache_entries"] <= bound < fed, (cache, out["cache_entries"])
+    assert gen_lib.main([*base, "--cache", "anchor", "--window", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anllm_jax.generate: error: --window applies to none of the chosen policies (ansan)")
+    assert len(err.splitlines()) == 1
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids; id 256 is <AC>."""
+
+    def encode(self, text, add_bos=False):
+        return list(text.encode("utf-8"))
+
+    def anchor_ids(self, mode, strings):
+        assert mode == "ep" and all(len(s.encode()) == 1 for s in strings)
+        return tuple(ord(s) for s in strings)
+
+
+def test_eval_runs_policies_and_their_caches(tmp_path, monkeypatch, capsys):
+    """The eval CLI's policy modes: the masked forward and the cache of each policy give the same scores, the
+    results name the policies, and a flag no chosen policy takes is a one-line error."""
+    from anllm_jax import eval as ev
+
+    model = init_model(preset("tiny", vocab_size=257, anchor_mode="ep", anchor_ids=(ord("."),), max_seq_len=4096))
+    monkeypatch.setattr(ev, "_load", lambda checkpoint, dtype: (model, ByteTokenizer()))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", "tiny", "--tasks", "arc_easy", "--shots", "1", "--limit", "2", "--no-progress"]
+    modes = "streaming,streaming-cache,sepllm,sepllm-cache,ansan-bounded-cache"
+    flags = ["--sinks", "2", "--window", "24", "--anchors-kept", "1", "--separators", ".", ","]
+    assert ev.main([*argv, "--mode", modes, *flags, "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["policies"]["streaming-cache"] == "streaming:sinks=2,window=24"
+    assert results["policies"]["sepllm"] == "sepllm:sinks=2,window=24,separator_ids=46+44"
+    r = results["results"]["1"]["arc_easy"]["modes"]
+    lls = json.loads((out / "loglikelihoods.json").read_text())["1"]["arc_easy"]
+    for name in ("streaming", "sepllm"):
+        np.testing.assert_allclose(lls[name], lls[f"{name}-cache"], atol=1e-3)
+        assert r[name]["kv_kept"] == r[f"{name}-cache"]["kv_kept"] < r[name]["kv_full"]
+        assert r[f"{name}-cache"]["prefix_entries_kept"] < r[f"{name}-cache"]["prefix_tokens"]
+    capsys.readouterr()
+    assert ev.main([*argv, "--mode", "full", "--window", "8", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anllm_jax.eval: error: --window applies to none") and len(err.splitlines()) == 1
