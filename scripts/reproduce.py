@@ -565,6 +565,8 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> bool:
     if not curves:
         return False
     plt = _pyplot()
+    from matplotlib.ticker import ScalarFormatter
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     panels = (
         ("held-out ppl, full mask", lambda r: r["ppl_full"]),
@@ -577,11 +579,16 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> bool:
             steps = sorted(by_step)
             ax.plot(steps, [by_step[s] for s in steps], marker=".", label=MODEL_LABELS[name])
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend()
-    fig.suptitle("continual pretraining of SmolLM2-135M: held-out perplexity (the control's AnSAN mask uses '.')")
+    fig.suptitle(
+        "continual pretraining of SmolLM2-135M: held-out perplexity (the control's AnSAN mask uses '.'; "
+        "AC's held-out text carries its <AC> tokens)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -187,6 +187,7 @@ def test_the_three_runs_differ_only_in_their_mask() -> None:
 def _driver():
     spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
     spec.loader.exec_module(module)
     return module
 
