@@ -48,7 +48,9 @@ def attend(
                 f"masks only, not policy {policy}; use attention=xla or cudnn for it"
             )
         kernel = "pallas" if impl == "anchor_pallas" else "jax"
-        return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel, rule=policy.mask)
+        # The full policy's rows carry no anchor flags (`model.policy_anchor_ids`), where AnSAN is causal.
+        rule = masks.ANSAN if policy.name == "full" else policy.mask
+        return anchor_attention.anchor_attention(q_BTNH, k_BSKH, v_BSKH, q_info, kernel=kernel, rule=rule)
     raise ValueError(f"unknown attention impl {impl!r}; choose xla, cudnn, cudnn_causal, anchor or anchor_pallas")
 
 
