@@ -373,3 +373,12 @@ def test_eval_runs_policies_and_their_caches(tmp_path, monkeypatch, capsys):
     assert ev.main([*argv, "--mode", "full", "--window", "8", "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("anllm_jax.eval: error: --window applies to none") and len(err.splitlines()) == 1
+
+
+def test_specs_round_trip_and_defaults():
+    for p in POLICIES:
+        assert masks.parse_policy(str(p)) == p and hash(masks.parse_policy(str(p))) == hash(p)
+    assert masks.parse_policy("anchor") == masks.ANSAN_POLICY
+    assert masks.parse_policy("streaming") == Policy("streaming", sinks=4, window=1020)
+    assert masks.parse_policy("ansan-bounded:anchors=8,window=none").bound is None
+    assert [p.bound for p in POLICIES] == [None, None, None, 6, 5, None, 5, 4]
