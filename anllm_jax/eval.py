@@ -276,6 +276,26 @@ def mode_policy(model: Llama, mode: str, policies: dict[str, masks.Policy] | Non
     return (policies or {}).get(name) or masks.Policy(name)
 
 
+def _score_mode(
+    model: Llama,
+    enc: tasks.EncodedTask,
+    mode: str,
+    policy: masks.Policy,
+    token_budget: int,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[np.ndarray], dict]:
+    """(per-document option log-likelihoods, cache statistics) of one mode."""
+    if mode == "full" and not enc.prefix:
+        return score_masked(model, enc, "full", token_budget, progress), {}
+    if mode == "full" or mode.endswith("-cache"):
+        # With demonstrations, full mode scores against their full KV cache, computed once: the same numbers as the
+        # causal forward over each whole prompt, without recomputing the demonstrations for every option.
+        cached = {"full": "full", "anchor-cache": "anchor", "ansan-cache": "anchor"}.get(mode, policy)
+        return score_cached(model, enc, cached, batch_size, progress)
+    return score_masked(model, enc, "model" if mode in ("ansan", "no-cache") else policy, token_budget, progress), {}
+
+
 def evaluate_task(
     model: Llama,
     tokenizer,
@@ -303,46 +323,21 @@ def evaluate_task(
     lls_out: dict[str, list[list[float]]] = {}
     done: dict[str, tuple] = {}
     for mode in modes:
-        extra: dict = {}
-        if mode == "no-cache" and "ansan" in done:
-            lls, seconds, compile_s = done["ansan"]
-            extra["same_run_as"] = "ansan"
-        elif mode == "ansan" and "no-cache" in done:
-            lls, seconds, compile_s = done["no-cache"]
-            extra["same_run_as"] = "no-cache"
-        elif mode == "full" and enc.prefix:
-            # The demonstrations' full KV cache, computed once: the same numbers as the causal forward over
-            # each whole prompt, without recomputing the demonstrations for every option.
-            (lls, cache_stats), seconds, compile_s = clock.measure(
-                lambda: score_cached(model, enc, "full", batch_size, progress)
-            )
-            extra |= cache_stats
-        elif mode == "full":
-            lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "full", token_budget, progress))
-        elif mode in ("ansan", "no-cache"):
-            lls, seconds, compile_s = clock.measure(lambda: score_masked(model, enc, "model", token_budget, progress))
-        elif mode in ("anchor-cache", "ansan-cache"):
-            (lls, cache_stats), seconds, compile_s = clock.measure(
-                lambda: score_cached(model, enc, "anchor", batch_size, progress)
-            )
-            extra |= cache_stats
-        elif mode in MODES:
-            policy = mode_policy(model, mode, policies)
-            extra["policy"] = str(policy)
-            if mode.endswith("-cache"):
-                (lls, cache_stats), seconds, compile_s = clock.measure(
-                    lambda p=policy: score_cached(model, enc, p, batch_size, progress)
-                )
-                extra |= cache_stats
-            else:
-                lls, seconds, compile_s = clock.measure(
-                    lambda p=policy: score_masked(model, enc, p, token_budget, progress)
-                )
-        else:
+        if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        policy = mode_policy(model, mode, policies)
+        extra: dict = {} if mode in MODES[:4] else {"policy": str(policy)}
+        twin = {"no-cache": "ansan", "ansan": "no-cache"}.get(mode)
+        if twin in done:
+            lls, seconds, compile_s = done[twin]
+            extra["same_run_as"] = twin
+        else:
+            (lls, stats), seconds, compile_s = clock.measure(
+                lambda m=mode, p=policy: _score_mode(model, enc, m, p, token_budget, batch_size, progress)
+            )
+            extra |= stats
         done[mode] = (lls, seconds, compile_s)
         scores = [tasks.score(doc, ll) for doc, ll in zip(docs, lls, strict=True)]
-        policy = mode_policy(model, mode, policies)
         if mode in ("ansan", "no-cache", "anchor-cache"):
             kv_full, kv_kept = kv_counts(enc, anchor_ids)  # the anchor cache's entries, as before policies
         else:
