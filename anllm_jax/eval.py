@@ -471,6 +471,8 @@ def _previous_run(results: dict, output: str) -> tuple[dict, dict]:
     if not path.exists():
         return {}, {}
     old = json.loads(path.read_text())
+    # Results written before policy modes existed hold no "policies": their modes' policies follow from the rest.
+    old.setdefault("policies", results["policies"])
     differ = [key for key in _RUN_KEYS if old.get(key) != results[key]]
     if differ:
         raise ValueError(
