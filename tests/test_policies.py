@@ -382,3 +382,19 @@ def test_specs_round_trip_and_defaults():
     assert masks.parse_policy("streaming") == Policy("streaming", sinks=4, window=1020)
     assert masks.parse_policy("ansan-bounded:anchors=8,window=none").bound is None
     assert [p.bound for p in POLICIES] == [None, None, None, 6, 5, None, 5, 4]
+
+
+def test_training_config_sets_the_policy(tmp_path):
+    """model.overrides.policy in a training config is the mask of the model that trains (and of its export)."""
+    from anllm_jax import config, train
+
+    raw = {
+        "run_name": "x",
+        "output_dir": str(tmp_path),
+        "dataset_type": "synthetic",
+        "model": {"preset": "tiny", "overrides": {"policy": "streaming:sinks=4,window=8"}},
+        "data": {"anchor_mode": "full", "seq_len": 32},
+    }
+    mcfg, _, _ = train.build_model(config.train_config_from_dict(raw))
+    assert masks.parse_policy(mcfg.policy) == Policy("streaming", sinks=4, window=8)
+    assert mcfg.from_dict(mcfg.to_dict()).policy == mcfg.policy
