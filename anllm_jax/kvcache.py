@@ -110,6 +110,8 @@ def init(
     evict = policy != "full"
     if rule is None:
         rule = masks.parse_policy(policy) if evict else masks.ANSAN_POLICY if anchor_ids else masks.FULL
+    if evict:
+        masks.check_reachable(rule.mask)
     if rule.reads_anchors and not anchor_ids:
         raise ValueError(
             f"cache policy {'anchor' if rule.name == 'ansan' else rule} needs anchor ids, but the anchor mode is "
