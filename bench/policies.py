@@ -147,6 +147,8 @@ def plot_accuracy(report: dict, path: str) -> None:
     for fam, pts in families.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+    if "full" in report["policies"]:
+        ax.axhline(100 * report["policies"]["full"]["mean_acc"], color="gray", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("KV entries kept (% of a full cache, log scale)")
     ax.set_ylabel(f"mean accuracy over {len(report['tasks'])} tasks (%)")
