@@ -84,7 +84,7 @@ def resolve(spec: str, seps: tuple[int, ...]) -> str | masks.Policy:
 def run_accuracy(args) -> dict:
     model, tok, seps = load(args.checkpoint)
     names = tasks.resolve_tasks(args.tasks)
-    configs = [(label, resolve(spec, seps)) for label, spec in ACCURACY_POLICIES]
+    configs = [(label, resolve(spec, seps)) for label, spec in ACCURACY_POLICIES if _chosen(label, args.only)]
     report = _header(args, model) | {"shots": args.shots, "docs_per_task": args.docs, "policies": {}, "tasks": names}
     for label, policy in configs:
         report["policies"][label] = {"policy": str(policy), "tasks": {}}
@@ -214,7 +214,7 @@ def run_endless(args) -> dict:
     model, tok, seps = load(args.checkpoint)
     ids = kjv_tokens(tok, args.tokens)
     report = _header(args, model) | {"chunk": args.chunk, "tokens": int(len(ids) - 1), "runs": {}}
-    for label, spec in ENDLESS_POLICIES:
+    for label, spec in [(label, spec) for label, spec in ENDLESS_POLICIES if _chosen(label, args.only)]:
         limit = args.full_tokens if spec == "full" else args.tokens
         print(f"{label}: {limit} tokens", file=sys.stderr, flush=True)
         report["runs"][label] = stream(model, ids, resolve(spec, seps), args.chunk, limit)
@@ -270,6 +270,10 @@ def plot_endless(report: dict, path: str, window: int = 2048) -> None:
     plt.close(fig)
 
 
+def _chosen(label: str, only: str | None) -> bool:
+    return only is None or label in [x.strip() for x in only.split(",")]
+
+
 def _header(args, model: Llama) -> dict:
     name = "SmolLM2-135M-Instruct (EP: '.' anchors)" if args.checkpoint == "smollm2" else args.checkpoint
     return {"model": name, "commit": records.commit(), "device": records.hardware(), "jax": jax.__version__}
@@ -287,6 +291,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=200_000, help="text length (endless)")
     p.add_argument("--full-tokens", type=int, default=16_384, help="how far the full cache runs (endless)")
     p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--only", default=None, help="comma-separated labels of the policies to run (default: all)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT or bench/results, BENCH.json)")
     args = p.parse_args()
     if args.quick:
