@@ -437,6 +437,49 @@ def checks(rows: list[dict[str, Any]], shots: tuple[int, ...]) -> dict[str, Any]
     }
 
 
+# The comparisons the reading rests on: (model, mode) minus (model, mode), each on the same documents.
+PAIRS = (
+    (("base", "full"), ("base", "anchor-cache")),
+    (("ep", "full"), ("ep", "anchor-cache")),
+    (("ac", "full"), ("ac", "anchor-cache")),
+    (("ep", "anchor-cache"), ("base", "anchor-cache")),
+    (("ac", "anchor-cache"), ("base", "anchor-cache")),
+    (("control", "full"), ("base", "full")),
+)
+BOOTSTRAP = 2000
+
+
+def paired_differences(out: Path, task_names: list[str], k: int, limit: int | None) -> list[dict[str, Any]]:
+    """Per pair of PAIRS at `k` shots: the difference of 8-task average accuracies (points) and its 95% interval
+    from a paired bootstrap (documents resampled within each task, the same draw for both sides), read from
+    DIR/eval/<model>/loglikelihoods.json and each document's gold answer."""
+    import numpy as np
+
+    from anllm_jax import tasks
+
+    lls = {m: json.loads((out / "eval" / m / "loglikelihoods.json").read_text())[str(k)] for m in MODELS}
+    correct: dict[tuple[str, str], list[np.ndarray]] = {}
+    for t in task_names:
+        docs = tasks.fewshot(tasks.load_task(t), k)[1][:limit]
+        for m in MODELS:
+            for mode in MODEL_MODES[m]:
+                rows = lls[m][t][mode]
+                acc = [tasks.score(doc, np.asarray(ll))["acc"] for doc, ll in zip(docs, rows, strict=True)]
+                correct.setdefault((m, mode), []).append(np.asarray(acc, float))
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(c), (BOOTSTRAP, len(c))) for c in correct[("base", "full")]]
+    out_rows = []
+    for a, b in PAIRS:
+        diff = [x - y for x, y in zip(correct[a], correct[b], strict=True)]
+        boot = np.mean([d[i].mean(axis=1) for d, i in zip(diff, draws, strict=True)], axis=0)
+        low, high = np.percentile(100 * boot, [2.5, 97.5])
+        out_rows.append(
+            {"a": list(a), "b": list(b), "points": 100 * float(np.mean([d.mean() for d in diff])),
+             "ci95": [float(low), float(high)]}
+        )  # fmt: skip
+    return out_rows
+
+
 def _cell(x: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
@@ -508,6 +551,19 @@ def markdown(report: dict[str, Any]) -> str:
         "| max abs log-likelihood difference, anchor-cache vs no-cache | "
         + ", ".join(f"{m} {t['max_abs_loglik_diff']:.1e}" for m, t in report["timing"].items())
         + " | 0 up to rounding (same function) |",
+        "",
+        "## Paired differences",
+        "",
+        f"Differences of 8-task average accuracy on the same documents, {report['shots'][-1]} shots, with 95% "
+        f"intervals from a paired bootstrap ({BOOTSTRAP} draws, documents resampled within each task).",
+        "",
+        "| comparison | points | 95% interval |",
+        "|---|---|---|",
+        *(
+            f"| {MODEL_LABELS[p['a'][0]]} {p['a'][1]} - {MODEL_LABELS[p['b'][0]]} {p['b'][1]} | {p['points']:+.1f} | "
+            f"{p['ci95'][0]:+.1f} to {p['ci95'][1]:+.1f} |"
+            for p in report.get("paired", [])
+        ),
         "",
         "## Training",
         "",
@@ -601,7 +657,8 @@ def publish(out: Path, dest: Path) -> None:
     plot_curves({name: out / "runs" / name for name in RUNS}, out / "learning_curves.png")
     patterns = [
         "runs/*/metrics.jsonl", "runs/*/eval.jsonl", "runs/*/config.yaml", "eval/*/results.json", "eval/*/results.md",
-        "timing/*/results.json", "results.json", "results.md", "learning_curves.png", "loss_curves.png",
+        "eval/*/loglikelihoods.json", "timing/*/results.json", "results.json", "results.md", "learning_curves.png",
+        "loss_curves.png",
     ]  # fmt: skip
     for pattern in patterns:
         for src in out.glob(pattern):
@@ -629,6 +686,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "to N subprocesses at once sharing the accelerator (default 4 on GPU, 1 on CPU)",
     )
     p.add_argument("--publish", default=None, help="copy the small outputs here after every stage (e.g. docs/...)")
+    p.add_argument(
+        "--report", action="store_true", help="only rebuild the report of the finished run in --out from its files"
+    )
     args = p.parse_args(argv)
     args.profile = PROFILES["smoke" if args.smoke else "cpu" if args.cpu else "gpu"]
     if args.jobs is None:
@@ -663,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out = Path(args.out or {"gpu": "runs/reproduce"}.get(profile.name, f"runs/reproduce-{profile.name}")).absolute()
+    if args.report:
+        return report_again(out, args.publish)
     try:
         task_names = tasks.resolve_tasks(args.tasks) if args.tasks else list(profile.tasks or tasks.TASKS)
         eval.check_shots(task_names, profile.shots)
@@ -702,10 +764,6 @@ def main(argv: list[str] | None = None) -> int:
     timing = timer.run("timing", time_alone, checkpoints_by_model, out, task_names, profile, dtype)
 
     t0 = time.perf_counter()
-    rows = table_rows(evals, task_names, profile.shots, timing)
-    plot_losses(training, out / "loss_curves.png")
-    plot_curves({name: Path(t["run_dir"]) for name, t in training.items()}, out / "learning_curves.png")
-    timer.stages["report"] = time.perf_counter() - t0
     report = {
         "profile": profile.name,
         "smoke": profile.name == "smoke",
@@ -720,22 +778,55 @@ def main(argv: list[str] | None = None) -> int:
         "model_modes": {m: list(MODEL_MODES[m]) for m in MODELS},
         "jobs": args.jobs,
         "training": training,
-        "rows": rows,
-        "checks": checks(rows, profile.shots),
         "timing": timing,
         "paper": PAPER,
-        "stage_seconds": timer.stages,
-        "total_seconds": timer.total(),
     }
+    build_report(out, report, evals)
+    timer.stages["report"] = time.perf_counter() - t0
+    report |= {"stage_seconds": timer.stages, "total_seconds": timer.total()}
+    finish_report(out, report, args.publish)
+    return 0
+
+
+def build_report(out: Path, report: dict[str, Any], evals: dict[str, dict]) -> None:
+    """The table, checks and paired differences from the evaluations, and the plots from the runs."""
+    shots = tuple(report["shots"])
+    report["rows"] = table_rows(evals, report["tasks"], shots, report["timing"])
+    report["checks"] = checks(report["rows"], shots)
+    report["paired"] = paired_differences(out, report["tasks"], max(shots), report["limit"])
+    plot_losses(report["training"], out / "loss_curves.png")
+    plot_curves({name: Path(t["run_dir"]) for name, t in report["training"].items()}, out / "learning_curves.png")
+
+
+def finish_report(out: Path, report: dict[str, Any], publish_to: str | None) -> None:
+    from anllm_jax import records
+
     records.write_json(out / "results.json", report)
     records.write_text(out / "results.md", markdown(report))
-    if args.publish:
-        publish(out, Path(args.publish).absolute())
+    if publish_to:
+        publish(out, Path(publish_to).absolute())
     print(markdown(report))
-    for stage, seconds in timer.stages.items():
+    for stage, seconds in report["stage_seconds"].items():
         print(f"{stage:>14}: {seconds:7.1f} s")
     print(f"{'total':>14}: {report['total_seconds']:7.1f} s | commit {report['commit']} | {report['hardware']}")
     print(f"wrote {out}/results.json, results.md, learning_curves.png, loss_curves.png")
+
+
+def report_again(out: Path, publish_to: str | None) -> int:
+    """--report: rebuild the report of a finished run from its files (tables, checks, paired differences,
+    plots), keeping the run's own commit, hardware and stage times."""
+    from anllm_jax import records
+
+    path = out / "results.json"
+    if not path.exists():
+        print(f"reproduce: error: {path} is missing; --report needs a finished run in --out", file=sys.stderr)
+        return 2
+    report = json.loads(path.read_text())
+    for name, t in report["training"].items():  # the run may have moved since (a published copy)
+        t["run_dir"] = str(out / "runs" / name)
+    build_report(out, report, {m: json.loads((out / "eval" / m / "results.json").read_text()) for m in MODELS})
+    report["report_commit"] = records.commit()
+    finish_report(out, report, publish_to)
     return 0
 
 

@@ -80,6 +80,11 @@ def test_smoke_table_rows_and_numbers(smoke: tuple[Path, dict, str]) -> None:
     ac_row = next(r for r in report["rows"] if (r["shots"], r["model"], r["mode"]) == (5, "ac", "anchor-cache"))
     assert ac_row["prefix_kv_reduction"] == pytest.approx(100 * (1 - 5 / stats["prefix_tokens"]))
     assert report["checks"]["ac_5shot_prefix_kv_reduction"] == ac_row["prefix_kv_reduction"]
+    # Paired differences: full minus anchor-cache of one model is the difference of its two rows' averages.
+    paired = {(tuple(p["a"]), tuple(p["b"])): p for p in report["paired"]}
+    avg = {(r["model"], r["mode"]): r["average"] for r in report["rows"] if r["shots"] == 5}
+    for (a, b), p in paired.items():
+        assert p["points"] == pytest.approx(avg[a] - avg[b]) and p["ci95"][0] <= p["points"] <= p["ci95"][1]
     # Anchor-cache scoring and one AnSAN forward per row (the timing stage's two modes) are the same function.
     assert set(report["timing"]) == {"ep", "ac"}
     for name, t in report["timing"].items():
@@ -125,7 +130,7 @@ def test_smoke_files_and_printout(smoke: tuple[Path, dict, str]) -> None:
     expected |= {
         Path("runs") / r / f for r in ("control", "ep", "ac") for f in ("metrics.jsonl", "eval.jsonl", "config.yaml")
     }
-    expected |= {Path("eval") / m / f for m in MODELS for f in ("results.json", "results.md")}
+    expected |= {Path("eval") / m / f for m in MODELS for f in ("results.json", "results.md", "loglikelihoods.json")}
     expected |= {Path("timing") / m / "results.json" for m in ("ep", "ac")}
     assert published == expected
     assert (out / "published" / "results.json").read_bytes() == (out / "results.json").read_bytes()
@@ -166,6 +171,13 @@ def test_a_rerun_reuses_every_finished_stage(smoke: tuple[Path, dict, str]) -> N
     assert log.count("reusing the finished run") == 3
     assert log.count("winogrande: taken from") == 2 * 4 + 2  # 0 and 5 shots of four models, then the timing
     assert "step 1/2" not in log
+    # --report rebuilds the tables, checks and paired differences from the files, keeping the run's stage times.
+    r = _run("--smoke", "--report", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert rebuilt["stage_seconds"] == again["stage_seconds"] and rebuilt["rows"] == again["rows"]
+    assert [(p["a"], p["b"]) for p in rebuilt["paired"]] == [(p["a"], p["b"]) for p in again["paired"]]
+    assert "## Paired differences" in (out / "results.md").read_text()
 
 
 def test_the_three_runs_differ_only_in_their_mask() -> None:
