@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anllm_jax import generate, kvcache
+from anllm_jax import generate, kvcache, masks
 from anllm_jax.kvcache import KVCache
-from anllm_jax.model import Llama, mask_anchor_ids
+from anllm_jax.model import Llama, policy_anchor_ids
 from anllm_jax.tokenizer import Tokenizer
 
 TOP_LOGPROBS = 5  # alternatives reported per token (the OpenAI completions API allows at most 5)
@@ -105,32 +105,46 @@ def capacity_for(model: Llama, slots: int, memory_bytes: int) -> int:
     return min(fit, -(-model.cfg.max_seq_len // _CAPACITY_MULTIPLE) * _CAPACITY_MULTIPLE)
 
 
+def cache_spec(model: Llama, policy: str) -> tuple[tuple[int, ...], masks.Policy]:
+    """The anchor ids and attention rule of a cache of `policy`, as `generate.prefill` derives them (the slots'
+    rows come from prefill, so the batch cache must match them)."""
+    rule = kvcache.cache_rule(model.cfg, policy)
+    return policy_anchor_ids(model.cfg, rule), rule
+
+
 def entries_needed(
-    prompt_ids: Sequence[int], max_tokens: int, anchor_ids: tuple[int, ...], policy: str, prefill_chunk: int
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    anchor_ids: tuple[int, ...],
+    policy: str,
+    prefill_chunk: int,
+    rule: masks.Policy,
 ) -> int:
     """Cache entries a request needs at its peak: room for a prefill chunk, and the entries kept after the prompt
     plus one per generated token but the last."""
     ids_T = np.asarray(prompt_ids, np.int32)
     chunk = min(prefill_chunk, generate.bucket(len(ids_T)))
     padded_1T = np.pad(ids_T, (0, -len(ids_T) % chunk))[None]
-    prefill = generate.prefill_capacity(padded_1T, np.array([len(ids_T)]), anchor_ids, policy, chunk)
-    return max(prefill, kvcache.kept_after(ids_T, anchor_ids, policy) + max_tokens)
+    prefill = generate.prefill_capacity(padded_1T, np.array([len(ids_T)]), anchor_ids, policy, chunk, rule)
+    return max(prefill, kvcache.kept_after(ids_T, anchor_ids, policy, rule) + max_tokens)
+
+
+def _batch_axis(x: jax.Array) -> int:
+    # Keys and values are [L, B, S, K, H]; every other array of the cache has the batch first.
+    return 1 if x.ndim == 5 else 0
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _insert(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
-    """The batch cache with one-row cache `row` (same capacity) written into row `slot`."""
-    put_kv = lambda big, one: big.at[:, slot].set(one[:, 0])
-    put = lambda big, one: big.at[slot].set(one[0])
-    return dataclasses.replace(
-        cache,
-        k=put_kv(cache.k, row.k),
-        v=put_kv(cache.v, row.v),
-        info=jax.tree.map(put, cache.info, row.info),
-        length=put(cache.length, row.length),
-        n_anchors=put(cache.n_anchors, row.n_anchors),
-        next_pos=put(cache.next_pos, row.next_pos),
-    )
+def _put_rows(cache: KVCache, part: KVCache, start: jax.Array) -> KVCache:
+    """The batch cache with rows [start, start + part.batch) replaced by `part` (same capacity)."""
+    put = lambda big, p: jax.lax.dynamic_update_slice_in_dim(big, p, start, axis=_batch_axis(big))
+    return jax.tree.map(put, cache, part)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _take_rows(cache: KVCache, rows: int) -> KVCache:
+    """A copy of the first `rows` rows of the batch cache."""
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, rows, axis=_batch_axis(x)), cache)
 
 
 @jax.jit
@@ -193,10 +207,10 @@ class Engine:
         if slots < 1 or prefill_chunk < 1 or max_queue < 0:
             raise ValueError(f"slots={slots} and prefill_chunk={prefill_chunk} must be >= 1, max_queue >= 0")
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
-        self.anchor_ids = mask_anchor_ids(model.cfg)
+        self.anchor_ids, self.rule = cache_spec(model, policy)
         self.slots, self.capacity, self.prefill_chunk, self.max_queue = slots, capacity, prefill_chunk, max_queue
         self.stop_ids = frozenset(int(i) for i in stop_ids)
-        self.cache = kvcache.init(model.cfg, slots, capacity, policy, self.anchor_ids)
+        self.cache = kvcache.init(model.cfg, slots, capacity, policy, self.anchor_ids, self.rule)
         self.bytes_per_entry = bytes_per_entry(model)
         self._requests: list[Request | None] = [None] * slots
         self._decoding_B = np.zeros(slots, bool)
@@ -220,7 +234,7 @@ class Engine:
     def room(self, prompt_ids: Sequence[int]) -> int:
         """The most tokens a request with this prompt may generate."""
         ids_T = np.asarray(prompt_ids, np.int32)
-        return self.capacity - kvcache.kept_after(ids_T, self.anchor_ids, self.policy)
+        return self.capacity - kvcache.kept_after(ids_T, self.anchor_ids, self.policy, self.rule)
 
     def submit(self, request: Request) -> None:
         """Queue a request. ValueError when it can never fit a slot, QueueFullError when the queue is full."""
@@ -228,7 +242,9 @@ class Engine:
             raise ValueError("the prompt is empty; send at least one token")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens={request.max_tokens} must be at least 1")
-        need = entries_needed(request.prompt_ids, request.max_tokens, self.anchor_ids, self.policy, self.prefill_chunk)
+        need = entries_needed(
+            request.prompt_ids, request.max_tokens, self.anchor_ids, self.policy, self.prefill_chunk, self.rule
+        )
         if need > self.capacity:
             raise ContextTooLongError(
                 f"the prompt ({len(request.prompt_ids)} tokens) with max_tokens={request.max_tokens} needs {need} "
@@ -285,10 +301,12 @@ class Engine:
         return next((b for b, r in enumerate(self._requests) if r is None), None)
 
     def _warm_up(self) -> None:
-        """Compile the decode step, the sampler and the smallest prefill before the first request."""
+        """Compile the decode step of every row bucket, the sampler and the smallest prefill before the first
+        request."""
         row, last_logits = generate.prefill(self.model, [[0]], policy=self.policy, capacity=self.capacity)
-        self.cache = _insert(self.cache, row, jnp.int32(0))
-        self._decode_step(warm_up=True)
+        self.cache = _put_rows(self.cache, row, jnp.int32(0))
+        for rows in sorted({min(1 << i, self.slots) for i in range(self.slots.bit_length() + 1)}):
+            self._decode_rows(rows)
         self._sample_rows(last_logits, np.zeros(1, np.uint32), np.zeros(1, np.int32), np.ones(1), np.ones(1))
 
     def _run(self) -> None:
@@ -336,7 +354,7 @@ class Engine:
                 r.emit(Event("", [], [], [], error=message))
                 self._release(b)
         # A failed call may have consumed the donated cache; start from an empty one.
-        self.cache = kvcache.init(self.model.cfg, self.slots, self.capacity, self.policy, self.anchor_ids)
+        self.cache = kvcache.init(self.model.cfg, self.slots, self.capacity, self.policy, self.anchor_ids, self.rule)
 
     def _prefill_step(self) -> None:
         """One chunk of the prompt being prefilled; after its last chunk, insert the row and sample token 1."""
@@ -358,32 +376,44 @@ class Engine:
             p.done += len(piece)
         if p.done < len(ids):
             return
-        self.cache = _insert(self.cache, p.row, jnp.int32(p.slot))
+        self.cache = _put_rows(self.cache, p.row, jnp.int32(p.slot))
         self._prefill = None
         r, b = p.request, p.slot
         self._seed_B[b], self._step_B[b] = r.seed, 0
         self._temperature_B[b], self._top_p_B[b] = r.temperature, r.top_p
-        self._entries_B[b] = kvcache.kept_after(np.asarray(ids), self.anchor_ids, self.policy)
+        self._entries_B[b] = kvcache.kept_after(np.asarray(ids), self.anchor_ids, self.policy, self.rule)
         self._decoding_B[b] = True
         out = self._sample_rows(p.last_logits, self._seed_B[b : b + 1], self._step_B[b : b + 1], r.temperature, r.top_p)
         self._accept(b, *(x[0] for x in out))
 
-    def _decode_step(self, warm_up: bool = False) -> None:
-        """Feed every decoding slot its latest token in one forward, then sample the next for each."""
-        if not warm_up and not self._decoding_B.any():
+    def _decode_step(self) -> None:
+        """Feed every decoding slot its latest token in one forward, then sample the next for each.
+
+        The forward covers the first slots up to the last decoding one, in power-of-two buckets: a step's time grows
+        with the rows it attends over, and free slots are refilled from the lowest, so busy slots stay in front."""
+        busy = np.nonzero(self._decoding_B)[0]
+        if not len(busy):
             return
         t0 = time.perf_counter()
-        n_new_B = self._decoding_B.astype(np.int32)
-        logits_B1V, self.cache = generate.extend(self.model, self.cache, self._last_tok_B[:, None], n_new_B)
-        out = self._sample_rows(logits_B1V[:, 0], self._seed_B, self._step_B, self._temperature_B, self._top_p_B)
-        self._entries_B = np.asarray(jax.device_get(self.cache.length), np.int64)
+        out = self._decode_rows(min(self.slots, 1 << int(busy[-1]).bit_length()))
         self._peak_entries = max(self._peak_entries, int(np.sum(self._entries_B[self._decoding_B])))
-        if not warm_up:
-            self._decode_totals["decode_steps"] += 1
-            self._decode_totals["decode_tokens"] += int(np.sum(n_new_B))
-            self._decode_totals["decode_seconds"] += time.perf_counter() - t0
-        for b in np.nonzero(self._decoding_B)[0]:
+        self._decode_totals["decode_steps"] += 1
+        self._decode_totals["decode_tokens"] += len(busy)
+        self._decode_totals["decode_seconds"] += time.perf_counter() - t0
+        for b in busy:
             self._accept(int(b), *(x[b] for x in out))
+
+    def _decode_rows(self, rows: int) -> tuple[np.ndarray, ...]:
+        """One decode forward and sampling step over the first `rows` slots (the decoding ones among them)."""
+        n_new_B = self._decoding_B[:rows].astype(np.int32)
+        part = self.cache if rows == self.slots else _take_rows(self.cache, rows)
+        logits_B1V, part = generate.extend(self.model, part, self._last_tok_B[:rows, None], n_new_B)
+        self.cache = part if rows == self.slots else _put_rows(self.cache, part, jnp.int32(0))
+        out = self._sample_rows(
+            logits_B1V[:, 0], self._seed_B[:rows], self._step_B[:rows], self._temperature_B[:rows], self._top_p_B[:rows]
+        )
+        self._entries_B[:rows] = np.asarray(jax.device_get(part.length), np.int64)
+        return out
 
     def _sample_rows(self, logits_BV, seed_B, step_B, temperature_B, top_p_B) -> tuple[np.ndarray, ...]:
         args = (np.asarray(seed_B, np.uint32), np.asarray(step_B, np.int32))

@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from anllm_jax import checkpoints, engine, records  # noqa: E402
-from anllm_jax.model import Llama, mask_anchor_ids  # noqa: E402
+from anllm_jax.model import Llama  # noqa: E402
 from anllm_jax.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -79,8 +79,8 @@ def run_batch(eng: engine.Engine, batch: list[list[int]], max_tokens: int) -> di
 
 
 def bench_policy(model: Llama, tok: Tokenizer, policy: str, pool: list[list[int]], args) -> dict:
-    anchor_ids = mask_anchor_ids(model.cfg)
-    need = max(engine.entries_needed(p, args.max_tokens, anchor_ids, policy, args.prefill_chunk) for p in pool)
+    spec = engine.cache_spec(model, policy)
+    need = max(engine.entries_needed(p, args.max_tokens, spec[0], policy, args.prefill_chunk, spec[1]) for p in pool)
     capacity = -(-need // 16) * 16
     per_row = capacity * engine.bytes_per_entry(model)
     slots = min(int(args.cache_memory * 2**20) // per_row - 1, len(pool) - 1)
