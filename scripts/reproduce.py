@@ -445,6 +445,8 @@ PAIRS = (
     (("ep", "anchor-cache"), ("base", "anchor-cache")),
     (("ac", "anchor-cache"), ("base", "anchor-cache")),
     (("control", "full"), ("base", "full")),
+    (("control", "full"), ("ep", "full")),
+    (("control", "full"), ("ac", "full")),
 )
 BOOTSTRAP = 2000
 
