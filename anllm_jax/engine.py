@@ -141,12 +141,6 @@ def _put_rows(cache: KVCache, part: KVCache, start: jax.Array) -> KVCache:
     return jax.tree.map(put, cache, part)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _take_rows(cache: KVCache, rows: int) -> KVCache:
-    """A copy of the first `rows` rows of the batch cache."""
-    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, rows, axis=_batch_axis(x)), cache)
-
-
 @jax.jit
 def _sample(logits_BV: jax.Array, seed_B: jax.Array, step_B: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array):
     """Per-row sampling: greedy where temperature is 0, else temperature and top-p as `generate` samples (the
@@ -301,12 +295,10 @@ class Engine:
         return next((b for b, r in enumerate(self._requests) if r is None), None)
 
     def _warm_up(self) -> None:
-        """Compile the decode step of every row bucket, the sampler and the smallest prefill before the first
-        request."""
+        """Compile the decode step, the sampler and the smallest prefill before the first request."""
         row, last_logits = generate.prefill(self.model, [[0]], policy=self.policy, capacity=self.capacity)
         self.cache = _put_rows(self.cache, row, jnp.int32(0))
-        for rows in sorted({min(1 << i, self.slots) for i in range(self.slots.bit_length() + 1)}):
-            self._decode_rows(rows)
+        self._decode_step(warm_up=True)
         self._sample_rows(last_logits, np.zeros(1, np.uint32), np.zeros(1, np.int32), np.ones(1), np.ones(1))
 
     def _run(self) -> None:
@@ -386,34 +378,22 @@ class Engine:
         out = self._sample_rows(p.last_logits, self._seed_B[b : b + 1], self._step_B[b : b + 1], r.temperature, r.top_p)
         self._accept(b, *(x[0] for x in out))
 
-    def _decode_step(self) -> None:
-        """Feed every decoding slot its latest token in one forward, then sample the next for each.
-
-        The forward covers the first slots up to the last decoding one, in power-of-two buckets: a step's time grows
-        with the rows it attends over, and free slots are refilled from the lowest, so busy slots stay in front."""
-        busy = np.nonzero(self._decoding_B)[0]
-        if not len(busy):
+    def _decode_step(self, warm_up: bool = False) -> None:
+        """Feed every decoding slot its latest token in one forward over all slots, then sample the next for each."""
+        if not warm_up and not self._decoding_B.any():
             return
         t0 = time.perf_counter()
-        out = self._decode_rows(min(self.slots, 1 << int(busy[-1]).bit_length()))
+        n_new_B = self._decoding_B.astype(np.int32)
+        logits_B1V, self.cache = generate.extend(self.model, self.cache, self._last_tok_B[:, None], n_new_B)
+        out = self._sample_rows(logits_B1V[:, 0], self._seed_B, self._step_B, self._temperature_B, self._top_p_B)
+        self._entries_B = np.asarray(jax.device_get(self.cache.length), np.int64)
         self._peak_entries = max(self._peak_entries, int(np.sum(self._entries_B[self._decoding_B])))
-        self._decode_totals["decode_steps"] += 1
-        self._decode_totals["decode_tokens"] += len(busy)
-        self._decode_totals["decode_seconds"] += time.perf_counter() - t0
-        for b in busy:
+        if not warm_up:
+            self._decode_totals["decode_steps"] += 1
+            self._decode_totals["decode_tokens"] += int(np.sum(n_new_B))
+            self._decode_totals["decode_seconds"] += time.perf_counter() - t0
+        for b in np.nonzero(self._decoding_B)[0]:
             self._accept(int(b), *(x[b] for x in out))
-
-    def _decode_rows(self, rows: int) -> tuple[np.ndarray, ...]:
-        """One decode forward and sampling step over the first `rows` slots (the decoding ones among them)."""
-        n_new_B = self._decoding_B[:rows].astype(np.int32)
-        part = self.cache if rows == self.slots else _take_rows(self.cache, rows)
-        logits_B1V, part = generate.extend(self.model, part, self._last_tok_B[:rows, None], n_new_B)
-        self.cache = part if rows == self.slots else _put_rows(self.cache, part, jnp.int32(0))
-        out = self._sample_rows(
-            logits_B1V[:, 0], self._seed_B[:rows], self._step_B[:rows], self._temperature_B[:rows], self._top_p_B[:rows]
-        )
-        self._entries_B[:rows] = np.asarray(jax.device_get(part.length), np.int64)
-        return out
 
     def _sample_rows(self, logits_BV, seed_B, step_B, temperature_B, top_p_B) -> tuple[np.ndarray, ...]:
         args = (np.asarray(seed_B, np.uint32), np.asarray(step_B, np.int32))
