@@ -366,6 +366,8 @@ class Engine:
             logits_1CV, p.row = generate.extend(self.model, p.row, tokens_1C, [len(piece)])
             p.last_logits = logits_1CV[:, len(piece) - 1]
             p.done += len(piece)
+        # Wait for the chunk: dispatch is asynchronous, and the next decode step's timing should hold decode work only.
+        jax.block_until_ready(p.last_logits)
         if p.done < len(ids):
             return
         self.cache = _put_rows(self.cache, p.row, jnp.int32(p.slot))
