@@ -86,6 +86,14 @@ def check_used(names: Sequence[str], args: argparse.Namespace) -> None:
             )
 
 
+def cache_policy(choice: str | None, cfg: Any, args: argparse.Namespace, tokenizer: Any) -> str | masks.Policy:
+    """The cache a CLI's `--cache` choice names, with its flags: by default the model's own policy (`anchor` for
+    ep/ac models, `full` otherwise); `full`, `none` and `anchor` stay names."""
+    choice = choice or cfg.policy or ("anchor" if cfg.anchor_mode != "full" else "full")
+    check_used([masks.parse_policy(choice).name if choice != "none" else choice], args)
+    return choice if choice in ("full", "none", "anchor") else from_args(choice, args, tokenizer)
+
+
 def read_prompts(path: str) -> list[dict]:
     """Prompts of a file: JSON lines with a "prompt" key (other keys are kept and echoed back), or else one
     prompt per non-empty line of plain text."""

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anllm_jax import generate, kvcache, masks
+from anllm_jax import generate, kvcache, masks, sampling
 from anllm_jax.kvcache import KVCache
 from anllm_jax.model import Llama, policy_anchor_ids
 from anllm_jax.tokenizer import Tokenizer
@@ -126,7 +126,10 @@ def entries_needed(
     chunk = min(prefill_chunk, generate.bucket(len(ids_T)))
     padded_1T = np.pad(ids_T, (0, -len(ids_T) % chunk))[None]
     prefill = generate.prefill_capacity(padded_1T, np.array([len(ids_T)]), anchor_ids, policy, chunk, rule)
-    return max(prefill, kvcache.kept_after(ids_T, anchor_ids, policy, rule) + max_tokens)
+    decode = kvcache.kept_after(ids_T, anchor_ids, policy, rule) + max_tokens
+    if policy != "full" and rule.bound is not None:  # a bounded cache never holds more (plus the slot written)
+        decode = min(decode, rule.bound + 1)
+    return max(prefill, decode)
 
 
 def _batch_axis(x: jax.Array) -> int:
@@ -151,13 +154,7 @@ def _sample(logits_BV: jax.Array, seed_B: jax.Array, step_B: jax.Array, temperat
     hot_B = temperature_B > 0
 
     def sampled() -> jax.Array:
-        x_BV = logits_BV / jnp.where(hot_B, temperature_B, 1.0)[:, None]
-        desc_BV = -jnp.sort(-x_BV, axis=-1)
-        p_BV = jax.nn.softmax(desc_BV, axis=-1)
-        # The smallest prefix of the sorted tokens whose mass reaches top_p; top_p=0 keeps the top token.
-        n_keep_B = jnp.maximum(jnp.sum(jnp.cumsum(p_BV, axis=-1) - p_BV < top_p_B[:, None], axis=-1), 1)
-        cut_B1 = jnp.take_along_axis(desc_BV, (n_keep_B - 1)[:, None], axis=-1)
-        masked_BV = jnp.where(x_BV < cut_B1, -jnp.inf, x_BV)
+        masked_BV = sampling.truncate(logits_BV / jnp.where(hot_B, temperature_B, 1.0)[:, None], 0, top_p_B)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed_B, step_B)
         draw = lambda key, x_V: jax.random.categorical(key, x_V[None], axis=-1)[0]
         return jnp.where(hot_B, jax.vmap(draw)(keys, masked_BV).astype(jnp.int32), greedy_B)

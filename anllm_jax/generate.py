@@ -347,6 +347,70 @@ def score_continuations(
     return logprobs, greedy
 
 
+def _generate_recompute(
+    model: Llama,
+    tokens_BT: np.ndarray,
+    lengths_B: np.ndarray,
+    capacity: int | None,
+    max_new_tokens: int,
+    key: jax.Array,
+    settings: sampling.Sampling,
+    anchor_ids: tuple[int, ...],
+    rule: masks.Policy,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Policy "none": every step recomputes the whole buffer under the mask. Returns the decode loop's outputs
+    and the time prefill ended."""
+    graphdef, state = nnx.split(model)
+    longest = int(lengths_B.max())
+    W = capacity or _round_up(longest + max_new_tokens, _MIN_BUCKET)
+    if longest >= W:
+        raise ValueError(f"capacity={W} cannot hold the prompts ({longest} tokens) plus one more; raise it")
+    buf_BW = jnp.asarray(np.pad(tokens_BT[:, :W], ((0, 0), (0, max(0, W - tokens_BT.shape[1])))))
+    len_B = jnp.asarray(lengths_B)
+    last_BV = jax.block_until_ready(_recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids, rule))
+    t1 = time.perf_counter()
+    out = _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_BV, key, settings, anchor_ids, rule)
+    return (*jax.device_get(out[1:]), t1)
+
+
+def _shrink_for_decode(cache: KVCache, rule: masks.Policy, max_new_tokens: int) -> KVCache:
+    """Prefill needed room for a whole chunk; decoding needs only the kept entries plus the new tokens, and a
+    bounded policy never keeps more than its bound (plus the slot written and the one kept free)."""
+    need = int(np.max(jax.device_get(cache.length))) + max_new_tokens + 1
+    need = min(need, need if rule.bound is None else rule.bound + 2)
+    return kvcache.resize(cache, min(cache.capacity, _round_up(need, _CAPACITY_MULTIPLE)))
+
+
+def _outputs(
+    out_tok_BN: np.ndarray,
+    out_lp_BN: np.ndarray,
+    full_B: np.ndarray,
+    stop_ids: Sequence[int],
+    stop_strings: Sequence[str],
+    tokenizer,
+) -> tuple[list[list[int]], list[list[float]], list[str], list[str] | None]:
+    """Per-row tokens, log-probs and finish reasons of a decode loop's -1-padded outputs, and the text cut at the
+    first stop string when a tokenizer is given."""
+    stop_set = set(stop_ids)
+    tokens, logprobs, reasons = [], [], []
+    for b in range(out_tok_BN.shape[0]):
+        n = int(np.sum(out_tok_BN[b] >= 0))
+        tokens.append(out_tok_BN[b, :n].tolist())
+        logprobs.append(out_lp_BN[b, :n].tolist())
+        stopped = n > 0 and tokens[-1][-1] in stop_set
+        reasons.append("cache_full" if full_B[b] else "stop" if stopped else "length")
+    if tokenizer is None:
+        return tokens, logprobs, reasons, None
+    text = []
+    for b, ids in enumerate(tokens):
+        t = tokenizer.decode([i for i in ids if i not in stop_set])
+        cuts = [t.index(s) for s in stop_strings if s in t]
+        if cuts:
+            t, reasons[b] = t[: min(cuts)], "stop"
+        text.append(t)
+    return tokens, logprobs, reasons, text
+
+
 def generate(
     model: Llama,
     prompts: Sequence[Sequence[int]] | np.ndarray,
@@ -395,16 +459,10 @@ def generate(
     graphdef, state = nnx.split(model)
     t0 = time.perf_counter()
     if policy == "none":
-        W = capacity or _round_up(longest + max_new_tokens, _MIN_BUCKET)
-        if longest >= W:
-            raise ValueError(f"capacity={W} cannot hold the prompts ({longest} tokens) plus one more; raise it")
-        buf_BW = jnp.asarray(np.pad(tokens_BT[:, :W], ((0, 0), (0, max(0, W - tokens_BT.shape[1])))))
-        len_B = jnp.asarray(lengths_B)
-        last_BV = jax.block_until_ready(_recompute_prefill_jit(graphdef, state, buf_BW, len_B, anchor_ids, rule))
-        t1 = time.perf_counter()
         cache = None
-        out = _decode_recompute_jit(graphdef, state, buf_BW, len_B, last_BV, key, settings, anchor_ids, rule)
-        out_tok_BN, out_lp_BN, full_B = jax.device_get(out[1:])
+        out_tok_BN, out_lp_BN, full_B, t1 = _generate_recompute(
+            model, tokens_BT, lengths_B, capacity, max_new_tokens, key, settings, anchor_ids, rule
+        )
     else:
         cache, last_BV = prefill(
             model,
@@ -417,11 +475,7 @@ def generate(
             reserve=max_new_tokens + 1 if capacity is None else 0,
         )
         if cache.evict and capacity is None:
-            # Prefill needed room for a whole chunk; decoding needs only the kept entries plus the new tokens, and
-            # a bounded policy never keeps more than its bound (plus the slot written and the one kept free).
-            need = int(np.max(jax.device_get(cache.length))) + max_new_tokens + 1
-            need = min(need, need if rule.bound is None else rule.bound + 2)
-            cache = kvcache.resize(cache, min(cache.capacity, _round_up(need, _CAPACITY_MULTIPLE)))
+            cache = _shrink_for_decode(cache, rule, max_new_tokens)
         jax.block_until_ready(last_BV)
         t1 = time.perf_counter()
         cache, out_tok_BN, out_lp_BN, full_B = _decode_cached_jit(graphdef, state, cache, last_BV, key, settings)
@@ -433,23 +487,7 @@ def generate(
             f"KV cache overflow in rows {rows}: capacity {capacity} slots is too small for this generation; "
             "pass a larger capacity, fewer max_new_tokens, or on_overflow='stop'"
         )
-    stop_set = set(stop_ids)
-    tokens, logprobs, reasons = [], [], []
-    for b in range(out_tok_BN.shape[0]):
-        n = int(np.sum(out_tok_BN[b] >= 0))
-        tokens.append(out_tok_BN[b, :n].tolist())
-        logprobs.append(out_lp_BN[b, :n].tolist())
-        stopped = n > 0 and tokens[-1][-1] in stop_set
-        reasons.append("cache_full" if full_B[b] else "stop" if stopped else "length")
-    text = None
-    if tokenizer is not None:
-        text = []
-        for b, ids in enumerate(tokens):
-            t = tokenizer.decode([i for i in ids if i not in stop_set])
-            cuts = [t.index(s) for s in stop_strings if s in t]
-            if cuts:
-                t, reasons[b] = t[: min(cuts)], "stop"
-            text.append(t)
+    tokens, logprobs, reasons, text = _outputs(out_tok_BN, out_lp_BN, full_B, stop_ids, stop_strings, tokenizer)
     n_gen = sum(len(t) for t in tokens)
     stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": n_gen}
     if cache is not None:
@@ -524,9 +562,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
         model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     anchor_mode = model.cfg.anchor_mode
-    choice = args.cache or model.cfg.policy or ("anchor" if anchor_mode != "full" else "full")
-    cli_args.check_used([masks.parse_policy(choice).name if choice != "none" else choice], args)
-    policy = choice if choice in ("full", "none", "anchor") else cli_args.from_args(choice, args, tokenizer)
+    policy = cli_args.cache_policy(args.cache, model.cfg, args, tokenizer)
     rule = mask_policy(model.cfg) if policy == "none" else kvcache.cache_rule(model.cfg, policy)
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
@@ -555,29 +591,9 @@ def _cli(args: argparse.Namespace) -> int:
         )
         lengths = np.zeros(len(batch), int) if gen.cache is None else np.asarray(jax.device_get(gen.cache.length))
         for b, (record, prompt) in enumerate(zip(batch, prompts, strict=True)):
-            # Entries of the tokens fed to the model: the prompt and every generated token but the last.
-            full_entries = len(prompt) + len(gen.tokens[b]) - 1
-            entries = int(lengths[b])
-            kept, full = kept + entries, full + full_entries
-            out = {
-                **record,
-                "text": gen.text[b],
-                "tokens": gen.tokens[b],
-                "logprobs": [lp if math.isfinite(lp) else None for lp in gen.logprobs[b]],
-                "finish_reason": gen.finish_reason[b],
-                "cache": str(policy),
-                "anchor_mode": anchor_mode,
-                "anchor_ids": anchor_ids,
-                "prompt_ids": prompt,
-                "prompt_tokens": len(prompt),
-                "cache_entries": entries,
-                "full_cache_entries": full_entries,
-                "cache_bytes": entries * per,
-                "full_cache_bytes": full_entries * per,
-                "reduction": 1.0 - entries / full_entries,
-                "prefill_s": gen.stats["prefill_s"],
-                "decode_s": gen.stats["decode_s"],
-            }
+            out = _record(record, prompt, gen, b, int(lengths[b]), per) | {"cache": str(policy)}
+            out |= {"anchor_mode": anchor_mode, "anchor_ids": anchor_ids}
+            kept, full = kept + out["cache_entries"], full + out["full_cache_entries"]
             print(json.dumps(out, allow_nan=False) if args.json or args.prompt_file else out["text"], flush=True)
     print(
         f"\n[cache {policy}, anchor mode {anchor_mode}, {len(requests)} prompt(s)] entries kept {kept} of {full} "
@@ -586,6 +602,28 @@ def _cli(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _record(request: dict, prompt: list[int], gen: Generation, b: int, entries: int, per: int) -> dict:
+    """The JSON line of row b: the request's fields, the generation, and its cache against a full one."""
+    # Entries of the tokens fed to the model: the prompt and every generated token but the last.
+    full_entries = len(prompt) + len(gen.tokens[b]) - 1
+    return {
+        **request,
+        "text": gen.text[b],
+        "tokens": gen.tokens[b],
+        "logprobs": [lp if math.isfinite(lp) else None for lp in gen.logprobs[b]],
+        "finish_reason": gen.finish_reason[b],
+        "prompt_ids": prompt,
+        "prompt_tokens": len(prompt),
+        "cache_entries": entries,
+        "full_cache_entries": full_entries,
+        "cache_bytes": entries * per,
+        "full_cache_bytes": full_entries * per,
+        "reduction": 1.0 - entries / full_entries,
+        "prefill_s": gen.stats["prefill_s"],
+        "decode_s": gen.stats["decode_s"],
+    }
 
 
 if __name__ == "__main__":

@@ -58,21 +58,26 @@ def settings(
     )
 
 
+def truncate(x_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """`x_BV` with -inf outside each row's top-k tokens and outside the smallest prefix of those whose mass reaches
+    top_p (at least one token; ties at the cut kept). top_k (0: off) and top_p (1.0: off) are scalars or [B]."""
+    V = x_BV.shape[-1]
+    k_B1 = jnp.broadcast_to(top_k, x_BV.shape[:1])[:, None]
+    p_B1 = jnp.broadcast_to(top_p, x_BV.shape[:1])[:, None]
+    desc_BV = -jnp.sort(-x_BV, axis=-1)
+    desc_BV = jnp.where(jnp.arange(V) < jnp.where(k_B1 > 0, jnp.minimum(k_B1, V), V), desc_BV, -jnp.inf)
+    p_BV = jax.nn.softmax(desc_BV, axis=-1)
+    n_keep_B1 = jnp.maximum(jnp.sum(jnp.cumsum(p_BV, axis=-1) - p_BV < p_B1, axis=-1, keepdims=True), 1)
+    cut_B1 = jnp.take_along_axis(desc_BV, n_keep_B1 - 1, axis=-1)
+    return jnp.where(x_BV < cut_B1, -jnp.inf, x_BV)
+
+
 def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
     """Next tokens [B] and their log-probs under the unfiltered model distribution."""
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     if s.greedy:
         tok_B = jnp.argmax(logits_BV, axis=-1)
     else:
-        V = logits_BV.shape[-1]
-        x_BV = logits_BV / s.temperature
-        desc_BV = -jnp.sort(-x_BV, axis=-1)
-        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-        desc_BV = jnp.where(jnp.arange(V) < k, desc_BV, -jnp.inf)
-        p_BV = jax.nn.softmax(desc_BV, axis=-1)
-        # Keep the smallest prefix of the top-k tokens whose mass reaches top_p (at least one token).
-        n_keep_B = jnp.sum(jnp.cumsum(p_BV, axis=-1) - p_BV < s.top_p, axis=-1)
-        cut_B1 = jnp.take_along_axis(desc_BV, (n_keep_B - 1)[:, None], axis=-1)
-        tok_B = jax.random.categorical(key, jnp.where(x_BV < cut_B1, -jnp.inf, x_BV), axis=-1)
+        tok_B = jax.random.categorical(key, truncate(logits_BV / s.temperature, s.top_k, s.top_p), axis=-1)
     tok_B = tok_B.astype(jnp.int32)
     return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]

@@ -36,7 +36,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from anllm_jax import anchors, generate
+from anllm_jax import anchors, cli_args, generate, kvcache
 from anllm_jax import engine as engine_lib
 from anllm_jax.engine import Engine, Event
 from anllm_jax.tokenizer import Tokenizer
@@ -475,7 +475,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="smollm2", help="native dir, HF dir, GGUF file, or 'smollm2' (packaged)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
-    p.add_argument("--cache", choices=("anchor", "full"), default=None, help="default: anchor if the model has anchors")
+    p.add_argument(
+        "--cache",
+        choices=[c for c in kvcache.POLICIES if c != "none"],
+        default=None,
+        help="KV cache policy of every slot (docs/policies.md); default: the model's own (anchor for ep/ac models)",
+    )
     p.add_argument("--anchor-mode", choices=("ep", "ac", "full"), default=None, help="default: the model's own")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together")
     p.add_argument("--cache-memory", type=float, default=512.0, help="MiB of KV cache for all slots together")
@@ -484,6 +489,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32 (default: the model's)")
     p.add_argument("--model-name", default=None, help="model id in the API (default: the checkpoint's name)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    cli_args.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("slots", "prefill_chunk"):
         if getattr(args, name) < 1:
@@ -508,8 +514,8 @@ def _setup(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str, str | None
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
     if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
-        checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
-    policy = args.cache or ("anchor" if model.cfg.anchor_mode != "full" else "full")
+        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
+    policy = cli_args.cache_policy(args.cache, model.cfg, args, tokenizer)
     capacity = engine_lib.capacity_for(model, args.slots, int(args.cache_memory * 2**20))
     if capacity < generate.bucket(1):  # the smallest prefill writes a bucket of slots
         raise ValueError(

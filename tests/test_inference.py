@@ -290,6 +290,30 @@ def test_sampling_options():
         assert s.tokens[b] == (want[: want.index(stop) + 1] if stop in want else want)
 
 
+def test_truncate_keeps_the_brute_force_top_k_and_nucleus():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 40)).astype(np.float32)
+    x[1, :5] = x[1, 5]  # ties at the cut are kept
+    top_k = np.array([0, 3, 0, 7, 40, 1], np.int32)
+    top_p = np.array([0.5, 1.0, 0.9, 0.3, 1e-9, 1.0], np.float32)
+    got = np.asarray(sampling.truncate(jnp.asarray(x), jnp.asarray(top_k), jnp.asarray(top_p)))
+    for b in range(len(x)):
+        order = sorted(range(x.shape[1]), key=lambda v: -float(x[b, v]))
+        k = top_k[b] if top_k[b] > 0 else x.shape[1]
+        cand = order[:k]
+        p = np.exp(np.float64(x[b, cand]) - x[b, cand].max())
+        p /= p.sum()
+        n, mass = 0, 0.0
+        while n == 0 or mass < top_p[b] - 1e-6 and n < len(cand):
+            mass += p[n]
+            n += 1
+        cut = x[b, cand[n - 1]]
+        want = np.where(x[b] >= cut, x[b], -np.inf)
+        np.testing.assert_array_equal(got[b], want, err_msg=f"row {b}")
+    scalar = np.asarray(sampling.truncate(jnp.asarray(x), 3, 0.5))
+    np.testing.assert_array_equal(scalar, np.asarray(sampling.truncate(jnp.asarray(x), top_k * 0 + 3, top_p * 0 + 0.5)))
+
+
 PROMPT = "The cat sat on the mat. The dog ran home. Then a bird"
 
 

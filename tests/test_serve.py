@@ -24,7 +24,7 @@ import numpy as np
 import openai
 import pytest
 
-from anllm_jax import anchors, checkpoints, serve
+from anllm_jax import anchors, checkpoints, masks, serve
 from anllm_jax import generate as gen_lib
 from anllm_jax.config import preset
 from anllm_jax.model import init_model
@@ -127,7 +127,7 @@ def metric(url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def library(model, tok, ids: list[int], n: int, policy: str = "anchor", **kw) -> gen_lib.Generation:
+def library(model, tok, ids: list[int], n: int, policy: str | masks.Policy = "anchor", **kw) -> gen_lib.Generation:
     return gen_lib.generate(model, [ids], policy=policy, max_new_tokens=n, stop_ids=[tok.eos_id], tokenizer=tok, **kw)
 
 
@@ -165,20 +165,31 @@ def test_greedy_and_seeded_requests_equal_generate_whatever_else_is_in_the_batch
     assert set(generated) & set(model.cfg.anchor_ids)  # decoding met anchors: the batched cache compacted
 
 
-def test_full_cache_server_equals_generate_with_the_full_cache(tiny_checkpoint, reference):
+@pytest.mark.parametrize(
+    "cache, flags",
+    [("full", ()), ("streaming:sinks=2,window=12", ("--cache", "streaming", "--sinks", "2", "--window", "12"))],
+)
+def test_full_and_bounded_cache_servers_equal_generate_with_that_cache(tiny_checkpoint, reference, cache, flags):
+    """The full cache, and a streaming cache whose bound the long prompt and its answer pass many times over."""
     model, tok = reference
-    proc, url = start_server("--checkpoint", tiny_checkpoint, "--cache", "full", "--prefill-chunk", str(PREFILL_CHUNK))
+    policy = cache if cache == "full" else masks.parse_policy(cache)
+    flags = flags or ("--cache", "full")
+    proc, url = start_server("--checkpoint", tiny_checkpoint, *flags, "--prefill-chunk", str(PREFILL_CHUNK))
     try:
         c = client(url)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             kw = dict(model="tiny", max_tokens=16, temperature=0, logprobs=1)
             short, long = pool.map(lambda p: c.completions.create(prompt=p, **kw).choices[0], (SHORT, LONG))
-        assert json.loads(http(url, "/health")[2])["capacity"] >= len(tok.encode(LONG))
+        health = json.loads(http(url, "/health")[2])
+        assert health["capacity"] >= len(tok.encode(LONG))
+        assert health["active_slots"] == 0 and health["cache_entries"] == 0
     finally:
         stop_server(proc)
-    assert_same_as(short, library(model, tok, anchors.encode_prompt(SHORT, tok, "ep"), 16, "full"), tok)
-    want = library(model, tok, anchors.encode_prompt(LONG, tok, "ep"), 16, "full", chunk_size=PREFILL_CHUNK)
+    assert_same_as(short, library(model, tok, anchors.encode_prompt(SHORT, tok, "ep"), 16, policy), tok)
+    want = library(model, tok, anchors.encode_prompt(LONG, tok, "ep"), 16, policy, chunk_size=PREFILL_CHUNK)
     assert_same_as(long, want, tok)
+    if cache != "full":
+        assert want.stats["cache_entries"] <= policy.bound < len(anchors.encode_prompt(LONG, tok, "ep")) // 4
 
 
 def test_greedy_request_equals_the_generate_cli(server, tiny_checkpoint):
@@ -332,6 +343,8 @@ def test_cli_bad_input_is_one_error_line(tiny_checkpoint, tmp_path):
         ("--checkpoint", str(tmp_path / "missing")): "does not exist",
         ("--checkpoint", tiny_checkpoint, "--cache-memory", "0.001"): "raise --cache-memory",
         ("--checkpoint", tiny_checkpoint, "--chat-template", str(tmp_path / "none.jinja")): "--chat-template",
+        ("--checkpoint", tiny_checkpoint, "--cache", "full", "--window", "8"): "--window applies to none",
+        ("--checkpoint", tiny_checkpoint, "--cache", "sepllm", "--separators", "xyzzy-not-one-token"): "not one token",
     }
     for args, message in cases.items():
         out = subprocess.run([sys.executable, "-m", "anllm_jax.serve", *args], capture_output=True, text=True)
