@@ -50,6 +50,8 @@ ACCURACY_POLICIES = [
     ("window 32", "window:window=32"),
     ("window 128", "window:window=128"),
 ]
+# The context each loaded model was trained on, before load() lifts the limit.
+TRAINED_CONTEXT: dict[int, int] = {}
 # Endless text: bounded policies at one budget of 256 entries, and the full cache.
 ENDLESS_POLICIES = [
     ("streaming", "streaming:sinks=4,window=252"),
@@ -66,6 +68,7 @@ def load(checkpoint: str) -> tuple[Llama, object, tuple[int, ...]]:
     )
     if model.cfg.anchor_mode == "full":
         model, tok = checkpoints.set_anchor_mode(model, tok, "ep")
+    TRAINED_CONTEXT[id(model)] = model.cfg.max_seq_len
     model.cfg = model.cfg.replace(max_seq_len=1 << 20)  # positions past the trained context are measured, not refused
     return model, tok, cli_args.separator_ids(tok, None)
 
@@ -182,7 +185,7 @@ def _nll(logits_1CV: jax.Array, targets_1C: jax.Array) -> jax.Array:
 
 
 def stream(model: Llama, ids: np.ndarray, policy, chunk: int, limit: int) -> dict:
-    """Feed ids[:limit] in chunks; NLL of every next token and the cache entries after every chunk."""
+    """Feed ids[:limit] in chunks; the mean NLL of each chunk's next tokens and the cache entries after it."""
     rule = kvcache.cache_rule(model.cfg, policy, "full" if policy == "full" else "model")
     bound = rule.bound if policy != "full" else None
     capacity = (bound if bound is not None else limit) + chunk
@@ -204,7 +207,7 @@ def stream(model: Llama, ids: np.ndarray, policy, chunk: int, limit: int) -> dic
         "policy": str(policy),
         "bound": bound,
         "allocated_entries": capacity,
-        "nll": np.concatenate(nll).tolist() if nll else [],
+        "chunk_nll": [float(np.mean(x)) for x in nll],
         "entries": entries,
         "seconds": time.perf_counter() - t0,
     }
@@ -222,23 +225,23 @@ def run_endless(args) -> dict:
     return report
 
 
-def endless_table(report: dict, bins: int = 20_000) -> str:
-    runs = report["runs"]
-    longest = max(len(r["nll"]) for r in runs.values())
-    ends = list(range(bins, longest + 1, bins))
+def endless_table(report: dict) -> str:
+    """Perplexity over position ranges that double (so the model's trained context is an edge) and the most cache
+    entries held in each; "-" where a run did not cover the range."""
+    runs, chunk = report["runs"], report["chunk"]
+    longest = max(len(r["chunk_nll"]) for r in runs.values()) * chunk
+    edges = [0, *(e for e in (2**k for k in range(11, 30)) if e < longest), longest]
     lines = [
         "| tokens | " + " | ".join(f"{k} ppl | {k} cache" for k in runs) + " |",
         "|---:|" + "---:|---:|" * len(runs),
     ]
-    for end in ends:
+    for lo, hi in zip(edges, edges[1:], strict=False):
         cells = []
         for r in runs.values():
-            nll = r["nll"][end - bins : end]
-            full = len(nll) == bins
-            cells.append(f"{math.exp(np.mean(nll)):.2f}" if full else "-")
-            k = end // report["chunk"] - 1
-            cells.append(str(r["entries"][k]) if k < len(r["entries"]) else "-")
-        lines.append(f"| {end - bins}-{end} | " + " | ".join(cells) + " |")
+            covered = len(r["chunk_nll"]) * chunk >= hi
+            cells.append(f"{math.exp(np.mean(r['chunk_nll'][lo // chunk : hi // chunk])):.1f}" if covered else "-")
+            cells.append(str(max(r["entries"][lo // chunk : hi // chunk])) if covered else "-")
+        lines.append(f"| {lo:,}-{hi:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -250,12 +253,23 @@ def plot_endless(report: dict, path: str, window: int = 2048) -> None:
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for label, r in report["runs"].items():
-        nll = np.asarray(r["nll"])
-        m = len(nll) // window
+        nll, per = np.asarray(r["chunk_nll"]), window // report["chunk"]
+        m = len(nll) // per
         if m:
-            ppl = np.exp(nll[: m * window].reshape(m, window).mean(axis=1))
+            ppl = np.exp(nll[: m * per].reshape(m, per).mean(axis=1))
             ax1.plot((np.arange(m) + 1) * window, ppl, label=f"{label} ({r['policy'].split(',separator_ids')[0]})")
         ax2.plot((np.arange(len(r["entries"])) + 1) * report["chunk"], r["entries"], label=label)
+    if report.get("trained_context"):
+        for ax in (ax1, ax2):
+            ax.axvline(report["trained_context"], color="gray", ls=":", lw=1)
+        ax1.text(
+            report["trained_context"],
+            0.97,
+            " trained context",
+            transform=ax1.get_xaxis_transform(),
+            fontsize=7,
+            va="top",
+        )
     ax1.set_yscale("log")
     ax1.set_ylabel(f"perplexity (per {window} tokens)")
     ax1.legend(fontsize=7)
@@ -276,7 +290,8 @@ def _chosen(label: str, only: str | None) -> bool:
 
 def _header(args, model: Llama) -> dict:
     name = "SmolLM2-135M-Instruct (EP: '.' anchors)" if args.checkpoint == "smollm2" else args.checkpoint
-    return {"model": name, "commit": records.commit(), "device": records.hardware(), "jax": jax.__version__}
+    head = {"model": name, "commit": records.commit(), "device": records.hardware(), "jax": jax.__version__}
+    return head | {"trained_context": TRAINED_CONTEXT.get(id(model))}
 
 
 def main() -> None:
@@ -305,7 +320,7 @@ def main() -> None:
         plot_accuracy(report, args.out.removesuffix(".json") + ".png")
     else:
         report = run_endless(args)
-        print(endless_table(report, bins=1000 if args.quick else 20_000))
+        print(endless_table(report))
         plot_endless(report, args.out.removesuffix(".json") + ".png", window=256 if args.quick else 2048)
     print(f"wrote {args.out} and its .png", file=sys.stderr)
 
