@@ -230,6 +230,12 @@ def _add_anchor_token(model: Llama, tokenizer: Tokenizer, init: str) -> Llama:
     return formats.build(cfg.replace(vocab_size=max(cfg.vocab_size, new_id + 1)), params)
 
 
+def check_finite(model: Llama, path: str) -> None:
+    """Refuse (ValueError naming `path`) a model with NaN/Inf parameters: nothing samples from or serves it."""
+    if not records.all_finite(nnx.state(model, nnx.Param)):
+        raise ValueError(f"{path} has non-finite (NaN/Inf) parameters; use an earlier checkpoint")
+
+
 def set_anchor_mode(
     model: Llama, tokenizer: Tokenizer, mode: str, ep_strings: Sequence[str] = (".",), ac_init: str = "dot"
 ) -> tuple[Llama, Tokenizer]:

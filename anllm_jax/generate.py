@@ -552,13 +552,12 @@ def _cli(args: argparse.Namespace) -> int:
     if not requests:
         raise ValueError(f"{args.prompt_file} holds no prompts")
 
-    from anllm_jax import anchors, checkpoints, records
+    from anllm_jax import anchors, checkpoints
 
     model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
-    if not records.all_finite(nnx.state(model, nnx.Param)):
-        raise ValueError(f"{args.checkpoint} has non-finite (NaN/Inf) parameters; use an earlier checkpoint")
+    checkpoints.check_finite(model, args.checkpoint)
     if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
         model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     anchor_mode = model.cfg.anchor_mode

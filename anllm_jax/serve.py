@@ -513,6 +513,7 @@ def _setup(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str, str | None
     model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
+    checkpoints.check_finite(model, args.checkpoint)
     if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
         model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
     policy = cli_args.cache_policy(args.cache, model.cfg, args, tokenizer)

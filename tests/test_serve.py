@@ -337,8 +337,25 @@ def test_bounded_load_every_request_answers_or_gets_a_clean_429(server):
     assert metric(server, "anllm_active_slots") == 0 and metric(server, "anllm_queue_depth") == 0
 
 
+def nan_copy(checkpoint: str, dest) -> str:
+    """The checkpoint with a NaN in its weights, written with orbax directly (checkpoints.save refuses it)."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    model, _ = checkpoints.load(checkpoint)
+    shutil.copytree(checkpoint, dest, ignore=shutil.ignore_patterns("params"))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["final_norm"] = params["final_norm"] * np.nan
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(str(dest / "params"), params)
+    return str(dest)
+
+
 def test_cli_bad_input_is_one_error_line(tiny_checkpoint, tmp_path):
     cases = {
+        ("--checkpoint", nan_copy(tiny_checkpoint, tmp_path / "nan")): "non-finite (NaN/Inf) parameters",
         ("--slots", "0"): "--slots=0 must be at least 1",
         ("--checkpoint", str(tmp_path / "missing")): "does not exist",
         ("--checkpoint", tiny_checkpoint, "--cache-memory", "0.001"): "raise --cache-memory",
