@@ -354,7 +354,11 @@ def nan_copy(checkpoint: str, dest) -> str:
 
 
 def test_cli_bad_input_is_one_error_line(tiny_checkpoint, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     cases = {
+        ("--checkpoint", tiny_checkpoint, "--port", str(busy.getsockname()[1])): "pick another --port",
         ("--checkpoint", nan_copy(tiny_checkpoint, tmp_path / "nan")): "non-finite (NaN/Inf) parameters",
         ("--slots", "0"): "--slots=0 must be at least 1",
         ("--checkpoint", str(tmp_path / "missing")): "does not exist",
@@ -368,6 +372,7 @@ def test_cli_bad_input_is_one_error_line(tiny_checkpoint, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, out.stderr
         assert lines[0].startswith("anllm_jax.serve: error: ") and message in lines[0]
+    busy.close()
 
 
 def test_real_smollm2_chat_equals_generate():
