@@ -1,15 +1,15 @@
-"""Continuous batching over anchor (or full) KV caches: a fixed set of slots, one jitted step decodes them all.
+"""Continuous batching over policy KV caches (anchor, full, streaming, ...): fixed slots, one jitted step for all.
 
 The slot pattern of JAX serving engines: a request waits in a queue until a slot is free; its prompt is
 prefilled into a one-row cache in chunks, one chunk per engine iteration, so the other slots keep decoding in
 between; the finished row is inserted into its slot; from then on every iteration decodes all active slots with
-one jitted forward over the [slots, capacity] cache (`generate.extend`, which also compacts anchor caches) and
+one jitted forward over the [slots, capacity] cache (`generate.extend`, which also compacts evicting caches) and
 one jitted sampler. A finished or cancelled request frees its slot at once.
 
 Memory: the cache is allocated once, `slots + 1` rows of `capacity` entries (the extra row holds the prompt being
 prefilled). A request is admitted only if its worst case fits a row: the prefill's room for a chunk, and the
-entries kept after its prompt plus max_tokens. The anchor policy keeps few entries of a long prompt, so at one
-memory budget it serves longer prompts, or more slots, than the full cache.
+entries kept after its prompt plus max_tokens (at most its bound for a bounded policy). The anchor policy keeps
+few entries of a long prompt, so at one memory budget it serves longer prompts, or more slots, than the full cache.
 
 Exactness: a slot's row goes through the prefill, extend and compaction of `generate`, with true positions, so a
 greedy request yields the tokens of `generate.generate(model, [ids], policy=..., chunk_size=prefill_chunk)`, and

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server over the slot engine (engine.py): completions and chat completions (plain, or
 streamed as server-sent events), the model list, health, and Prometheus metrics.
 
-    python -m anllm_jax.serve --checkpoint PATH [--host 127.0.0.1] [--port 8000] [--cache anchor|full]
+    python -m anllm_jax.serve --checkpoint PATH [--host 127.0.0.1] [--port 8000] [--cache POLICY]
         [--slots N] [--cache-memory MiB] [--max-queue N] [--prefill-chunk N] [--anchor-mode ep|ac|full]
 
 Bad requests get an OpenAI-style error body {"error": {"message", "type", "param", "code"}} with HTTP 400 (404 for
