@@ -230,10 +230,17 @@ def _add_anchor_token(model: Llama, tokenizer: Tokenizer, init: str) -> Llama:
     return formats.build(cfg.replace(vocab_size=max(cfg.vocab_size, new_id + 1)), params)
 
 
-def check_finite(model: Llama, path: str) -> None:
-    """Refuse (ValueError naming `path`) a model with NaN/Inf parameters: nothing samples from or serves it."""
+def load_for_inference(path: str, dtype: str | None = None, anchor_mode: str | None = None) -> tuple[Llama, Tokenizer]:
+    """`load` for the CLIs that sample from a model: it must come with a tokenizer and finite parameters (nothing
+    samples from or serves NaN/Inf weights); `anchor_mode` puts it in that mode (`set_anchor_mode`)."""
+    model, tokenizer = load(path, **({"dtype": dtype} if dtype else {}))
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer files; add them (tokenizer.json) next to the weights")
     if not records.all_finite(nnx.state(model, nnx.Param)):
         raise ValueError(f"{path} has non-finite (NaN/Inf) parameters; use an earlier checkpoint")
+    if anchor_mode is not None and anchor_mode != model.cfg.anchor_mode:
+        model, tokenizer = set_anchor_mode(model, tokenizer, anchor_mode)
+    return model, tokenizer
 
 
 def set_anchor_mode(

@@ -554,12 +554,7 @@ def _cli(args: argparse.Namespace) -> int:
 
     from anllm_jax import anchors, checkpoints
 
-    model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
-    if tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
-    checkpoints.check_finite(model, args.checkpoint)
-    if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
-        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
+    model, tokenizer = checkpoints.load_for_inference(args.checkpoint, args.dtype, args.anchor_mode)
     anchor_mode = model.cfg.anchor_mode
     policy = cli_args.cache_policy(args.cache, model.cfg, args, tokenizer)
     rule = mask_policy(model.cfg) if policy == "none" else kvcache.cache_rule(model.cfg, policy)

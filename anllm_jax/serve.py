@@ -510,12 +510,7 @@ def _setup(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str, str | None
                 template = f.read()
         except OSError as e:
             raise ValueError(f"cannot read --chat-template {args.chat_template} ({e.strerror})") from None
-    model, tokenizer = checkpoints.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
-    if tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer files; add them (tokenizer.json) next to the weights")
-    checkpoints.check_finite(model, args.checkpoint)
-    if args.anchor_mode is not None and args.anchor_mode != model.cfg.anchor_mode:
-        model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchor_mode)
+    model, tokenizer = checkpoints.load_for_inference(args.checkpoint, args.dtype, args.anchor_mode)
     policy = cli_args.cache_policy(args.cache, model.cfg, args, tokenizer)
     capacity = engine_lib.capacity_for(model, args.slots, int(args.cache_memory * 2**20))
     if capacity < generate.bucket(1):  # the smallest prefill writes a bucket of slots
