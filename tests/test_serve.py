@@ -165,15 +165,20 @@ def test_greedy_and_seeded_requests_equal_generate_whatever_else_is_in_the_batch
     assert set(generated) & set(model.cfg.anchor_ids)  # decoding met anchors: the batched cache compacted
 
 
-@pytest.mark.parametrize(
-    "cache, flags",
-    [("full", ()), ("streaming:sinks=2,window=12", ("--cache", "streaming", "--sinks", "2", "--window", "12"))],
-)
-def test_full_and_bounded_cache_servers_equal_generate_with_that_cache(tiny_checkpoint, reference, cache, flags):
-    """The full cache, and a streaming cache whose bound the long prompt and its answer pass many times over."""
+@pytest.mark.parametrize("cache", ["full", "streaming:sinks=2,window=12"])
+def test_full_and_bounded_cache_servers_equal_generate_with_that_cache(tiny_checkpoint, reference, cache):
+    """The full cache; and a streaming cache in slots of 32 entries, fewer than the long prompt's tokens: a bounded
+    policy admits any prompt whose prefill chunk fits, and its bound is passed many times over."""
+    from anllm_jax import engine as engine_lib
+
     model, tok = reference
-    policy = cache if cache == "full" else masks.parse_policy(cache)
-    flags = flags or ("--cache", "full")
+    long_ids = anchors.encode_prompt(LONG, tok, "ep")
+    if cache == "full":
+        policy, flags = "full", ("--cache", "full")
+    else:
+        policy = masks.parse_policy(cache)
+        mib = (32 * 3 * engine_lib.bytes_per_entry(model) + 1) / 2**20  # 2 slots + the prefill row, 32 entries
+        flags = ("--cache", "streaming", "--sinks", "2", "--window", "12", "--slots", "2", "--cache-memory", str(mib))
     proc, url = start_server("--checkpoint", tiny_checkpoint, *flags, "--prefill-chunk", str(PREFILL_CHUNK))
     try:
         c = client(url)
@@ -181,15 +186,18 @@ def test_full_and_bounded_cache_servers_equal_generate_with_that_cache(tiny_chec
             kw = dict(model="tiny", max_tokens=16, temperature=0, logprobs=1)
             short, long = pool.map(lambda p: c.completions.create(prompt=p, **kw).choices[0], (SHORT, LONG))
         health = json.loads(http(url, "/health")[2])
-        assert health["capacity"] >= len(tok.encode(LONG))
+        if cache == "full":
+            assert health["capacity"] >= len(long_ids)
+        else:
+            assert health["capacity"] == 32 < len(long_ids)
         assert health["active_slots"] == 0 and health["cache_entries"] == 0
     finally:
         stop_server(proc)
     assert_same_as(short, library(model, tok, anchors.encode_prompt(SHORT, tok, "ep"), 16, policy), tok)
-    want = library(model, tok, anchors.encode_prompt(LONG, tok, "ep"), 16, policy, chunk_size=PREFILL_CHUNK)
+    want = library(model, tok, long_ids, 16, policy, chunk_size=PREFILL_CHUNK)
     assert_same_as(long, want, tok)
     if cache != "full":
-        assert want.stats["cache_entries"] <= policy.bound < len(anchors.encode_prompt(LONG, tok, "ep")) // 4
+        assert want.stats["cache_entries"] <= policy.bound < len(long_ids) // 4
 
 
 def test_greedy_request_equals_the_generate_cli(server, tiny_checkpoint):
