@@ -118,7 +118,9 @@ def main() -> None:
     p.add_argument("--cache-memory", type=float, default=256.0, help="MiB of KV cache for every policy")
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--max-sequences", type=int, default=64, help="at most this many sequences per policy")
-    p.add_argument("--policies", default="anchor,full")
+    p.add_argument(
+        "--policies", nargs="+", default=["anchor", "full"], help="cache policies or specs, e.g. streaming:window=124"
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "serve.json"))
     args = p.parse_args()
@@ -150,7 +152,7 @@ def main() -> None:
         f"|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         flush=True,
     )
-    for policy in args.policies.split(","):
+    for policy in args.policies:
         r = bench_policy(model, tok, policy, pool, args)
         report["rows"].append(r)
         records.write_json(args.out, report)
