@@ -92,20 +92,14 @@ class _Prefill:
     last_logits: jax.Array | None = None  # [1, V], of the last prompt token so far
 
 
-def bytes_per_entry(model: Llama) -> int:
-    """Bytes of keys plus values of one token over all layers, in the compute dtype."""
-    cfg = model.cfg
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-
-
 def capacity_for(model: Llama, slots: int, memory_bytes: int) -> int:
     """Entries per row when `slots + 1` rows share `memory_bytes`, rounded down to a multiple of 16 and at most
     the model's context (rounded up): more entries than positions it was trained on would never be used."""
-    fit = memory_bytes // ((slots + 1) * bytes_per_entry(model)) // _CAPACITY_MULTIPLE * _CAPACITY_MULTIPLE
+    fit = memory_bytes // ((slots + 1) * kvcache.bytes_per_entry(model.cfg)) // _CAPACITY_MULTIPLE * _CAPACITY_MULTIPLE
     return min(fit, -(-model.cfg.max_seq_len // _CAPACITY_MULTIPLE) * _CAPACITY_MULTIPLE)
 
 
-def cache_spec(model: Llama, policy: str) -> tuple[tuple[int, ...], masks.Policy]:
+def cache_spec(model: Llama, policy: str | masks.Policy) -> tuple[tuple[int, ...], masks.Policy]:
     """The anchor ids and attention rule of a cache of `policy`, as `generate.prefill` derives them (the slots'
     rows come from prefill, so the batch cache must match them)."""
     rule = kvcache.cache_rule(model.cfg, policy)
@@ -116,7 +110,7 @@ def entries_needed(
     prompt_ids: Sequence[int],
     max_tokens: int,
     anchor_ids: tuple[int, ...],
-    policy: str,
+    policy: str | masks.Policy,
     prefill_chunk: int,
     rule: masks.Policy,
 ) -> int:
@@ -188,7 +182,7 @@ class Engine:
         model: Llama,
         tokenizer: Tokenizer,
         *,
-        policy: str,
+        policy: str | masks.Policy,
         slots: int,
         capacity: int,
         prefill_chunk: int = 256,
@@ -202,7 +196,7 @@ class Engine:
         self.slots, self.capacity, self.prefill_chunk, self.max_queue = slots, capacity, prefill_chunk, max_queue
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.cache = kvcache.init(model.cfg, slots, capacity, policy, self.anchor_ids, self.rule)
-        self.bytes_per_entry = bytes_per_entry(model)
+        self.bytes_per_entry = kvcache.bytes_per_entry(model.cfg)
         self._requests: list[Request | None] = [None] * slots
         self._decoding_B = np.zeros(slots, bool)
         self._last_tok_B = np.zeros(slots, np.int32)

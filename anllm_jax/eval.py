@@ -256,11 +256,11 @@ def kv_counts(
     """(full cache entries, entries `policy`'s cache keeps at the end of each row) summed over every scored row
     (the anchor policy keeps everything when there are no anchor ids)."""
     full = kept = 0
+    plain = policy == "anchor" and not anchor_ids
     for d, opts in enumerate(enc.options):
         for o in range(len(opts)):
             row = np.asarray(enc.row(d, o))
             full += len(row)
-            plain = policy == "anchor" and not anchor_ids
             kept += len(row) if plain else kvcache.kept_after(row, anchor_ids, policy)
     return full, kept
 

@@ -348,7 +348,8 @@ def score_continuations(
 
 
 def _generate_recompute(
-    model: Llama,
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
     tokens_BT: np.ndarray,
     lengths_B: np.ndarray,
     capacity: int | None,
@@ -360,7 +361,6 @@ def _generate_recompute(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Policy "none": every step recomputes the whole buffer under the mask. Returns the decode loop's outputs
     and the time prefill ended."""
-    graphdef, state = nnx.split(model)
     longest = int(lengths_B.max())
     W = capacity or _round_up(longest + max_new_tokens, _MIN_BUCKET)
     if longest >= W:
@@ -377,7 +377,8 @@ def _shrink_for_decode(cache: KVCache, rule: masks.Policy, max_new_tokens: int) 
     """Prefill needed room for a whole chunk; decoding needs only the kept entries plus the new tokens, and a
     bounded policy never keeps more than its bound (plus the slot written and the one kept free)."""
     need = int(np.max(jax.device_get(cache.length))) + max_new_tokens + 1
-    need = min(need, need if rule.bound is None else rule.bound + 2)
+    if rule.bound is not None:
+        need = min(need, rule.bound + 2)
     return kvcache.resize(cache, min(cache.capacity, _round_up(need, _CAPACITY_MULTIPLE)))
 
 
@@ -461,7 +462,7 @@ def generate(
     if policy == "none":
         cache = None
         out_tok_BN, out_lp_BN, full_B, t1 = _generate_recompute(
-            model, tokens_BT, lengths_B, capacity, max_new_tokens, key, settings, anchor_ids, rule
+            graphdef, state, tokens_BT, lengths_B, capacity, max_new_tokens, key, settings, anchor_ids, rule
         )
     else:
         cache, last_BV = prefill(
@@ -559,7 +560,7 @@ def _cli(args: argparse.Namespace) -> int:
     policy = cli_args.cache_policy(args.cache, model.cfg, args, tokenizer)
     rule = mask_policy(model.cfg) if policy == "none" else kvcache.cache_rule(model.cfg, policy)
     stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
+    per = kvcache.bytes_per_entry(model.cfg)
     anchor_ids = list(policy_anchor_ids(model.cfg, rule))
     kept = full = 0
     for lo in range(0, len(requests), args.batch_size):

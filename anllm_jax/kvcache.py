@@ -84,6 +84,11 @@ class KVCache:
         }
 
 
+def bytes_per_entry(cfg: ModelConfig) -> int:
+    """Bytes of keys plus values of one token over all layers, in the model's compute dtype."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+
+
 def cache_rule(cfg: ModelConfig, policy: str | masks.Policy, mask: str | masks.Policy = "model") -> masks.Policy:
     """The policy new queries attend under with cache policy `policy`: the model's `mask` for the full cache,
     else the policy itself (checked against the model by `model.mask_policy`)."""

@@ -20,8 +20,10 @@ attend, so eviction is never written per policy.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -173,36 +175,29 @@ class Atom(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class All(Mask):
+class _Join(Mask):
+    """Its parts folded with `op` (& for All, | for Some)."""
+
     parts: tuple[Mask, ...]
+    op: ClassVar[Callable[[Any, Any], Any]]
 
     def eval(self, q: TokenInfo, k: TokenInfo) -> Any:
-        out = self.parts[0].eval(q, k)
-        for p in self.parts[1:]:
-            out = out & p.eval(q, k)
-        return out
+        return functools.reduce(self.op, (p.eval(q, k) for p in self.parts))
 
     def atoms(self, positive: bool = True) -> Iterator[tuple[Atom, bool]]:
         for p in self.parts:
             yield from p.atoms(positive)
+
+
+class All(_Join):
+    op = operator.and_
 
     def __str__(self) -> str:
         return " & ".join(f"({p})" if isinstance(p, Some) else str(p) for p in self.parts)
 
 
-@dataclasses.dataclass(frozen=True)
-class Some(Mask):
-    parts: tuple[Mask, ...]
-
-    def eval(self, q: TokenInfo, k: TokenInfo) -> Any:
-        out = self.parts[0].eval(q, k)
-        for p in self.parts[1:]:
-            out = out | p.eval(q, k)
-        return out
-
-    def atoms(self, positive: bool = True) -> Iterator[tuple[Atom, bool]]:
-        for p in self.parts:
-            yield from p.atoms(positive)
+class Some(_Join):
+    op = operator.or_
 
     def __str__(self) -> str:
         return " | ".join(str(p) for p in self.parts)

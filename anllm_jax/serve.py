@@ -516,7 +516,7 @@ def _setup(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str, str | None
     if capacity < generate.bucket(1):  # the smallest prefill writes a bucket of slots
         raise ValueError(
             f"--cache-memory {args.cache_memory:g} MiB gives {args.slots} slots only {capacity} entries each "
-            f"({engine_lib.bytes_per_entry(model):,} bytes per entry, at least {generate.bucket(1)} needed); raise "
+            f"({kvcache.bytes_per_entry(model.cfg):,} bytes per entry, at least {generate.bucket(1)} needed); raise "
             "--cache-memory or lower --slots"
         )
     engine = Engine(

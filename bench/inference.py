@@ -80,7 +80,7 @@ def bench_generate(model: Llama, prompt: list[int], args, policy: str) -> dict:
     )
     g, _ = timed_twice(run)
     steps = args.decode_tokens - 1  # the first token comes from the prefill logits
-    per = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * jnp.dtype(model.cfg.dtype).itemsize
+    per = kvcache.bytes_per_entry(model.cfg)
     kv_entries = kvcache.kept_after(np.asarray(prompt), (ANCHOR,), policy) if policy != "none" else 0
     return {
         "prefill_s": g.stats["prefill_s"],

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from anllm_jax import checkpoints, engine, records  # noqa: E402
+from anllm_jax import checkpoints, engine, kvcache, records  # noqa: E402
 from anllm_jax.model import Llama  # noqa: E402
 from anllm_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -82,7 +82,7 @@ def bench_policy(model: Llama, tok: Tokenizer, policy: str, pool: list[list[int]
     spec = engine.cache_spec(model, policy)
     need = max(engine.entries_needed(p, args.max_tokens, spec[0], policy, args.prefill_chunk, spec[1]) for p in pool)
     capacity = -(-need // 16) * 16
-    per_row = capacity * engine.bytes_per_entry(model)
+    per_row = capacity * kvcache.bytes_per_entry(model.cfg)
     slots = min(int(args.cache_memory * 2**20) // per_row - 1, len(pool) - 1)
     row = {"policy": policy, "sequences": max(slots, 0), "entries_per_slot": capacity}
     if slots < 1:
@@ -140,7 +140,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "cache_memory_mib": args.cache_memory,
         "prefill_chunk": args.prefill_chunk,
-        "bytes_per_entry": engine.bytes_per_entry(model),
+        "bytes_per_entry": kvcache.bytes_per_entry(model.cfg),
         "rows": [],
     }
     print(

@@ -24,7 +24,7 @@ import numpy as np
 import openai
 import pytest
 
-from anllm_jax import anchors, checkpoints, masks, serve
+from anllm_jax import anchors, checkpoints, kvcache, masks, serve
 from anllm_jax import generate as gen_lib
 from anllm_jax.config import preset
 from anllm_jax.model import init_model
@@ -169,15 +169,13 @@ def test_greedy_and_seeded_requests_equal_generate_whatever_else_is_in_the_batch
 def test_full_and_bounded_cache_servers_equal_generate_with_that_cache(tiny_checkpoint, reference, cache):
     """The full cache; and a streaming cache in slots of 32 entries, fewer than the long prompt's tokens: a bounded
     policy admits any prompt whose prefill chunk fits, and its bound is passed many times over."""
-    from anllm_jax import engine as engine_lib
-
     model, tok = reference
     long_ids = anchors.encode_prompt(LONG, tok, "ep")
     if cache == "full":
         policy, flags = "full", ("--cache", "full")
     else:
         policy = masks.parse_policy(cache)
-        mib = (32 * 3 * engine_lib.bytes_per_entry(model) + 1) / 2**20  # 2 slots + the prefill row, 32 entries
+        mib = (32 * 3 * kvcache.bytes_per_entry(model.cfg) + 1) / 2**20  # 2 slots + the prefill row, 32 entries
         flags = ("--cache", "streaming", "--sinks", "2", "--window", "12", "--slots", "2", "--cache-memory", str(mib))
     proc, url = start_server("--checkpoint", tiny_checkpoint, *flags, "--prefill-chunk", str(PREFILL_CHUNK))
     try:
