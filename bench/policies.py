@@ -50,8 +50,6 @@ ACCURACY_POLICIES = [
     ("window 32", "window:window=32"),
     ("window 128", "window:window=128"),
 ]
-# The context each loaded model was trained on, before load() lifts the limit.
-TRAINED_CONTEXT: dict[int, int] = {}
 # Endless text: bounded policies at one budget of 256 entries, and the full cache.
 ENDLESS_POLICIES = [
     ("streaming", "streaming:sinks=4,window=252"),
@@ -61,16 +59,17 @@ ENDLESS_POLICIES = [
 ]
 
 
-def load(checkpoint: str) -> tuple[Llama, object, tuple[int, ...]]:
-    """Model in EP mode ("." anchors) unless it has anchors of its own, its tokenizer, and SepLLM's separator ids."""
+def load(checkpoint: str) -> tuple[Llama, object, tuple[int, ...], int]:
+    """Model in EP mode ("." anchors) unless it has anchors of its own, its tokenizer, SepLLM's separator ids, and
+    the context it was trained on (the model's own limit is lifted)."""
     model, tok = checkpoints.load(
         checkpoints.smollm2_gguf_path() if checkpoint == "smollm2" else checkpoint, dtype="float32"
     )
     if model.cfg.anchor_mode == "full":
         model, tok = checkpoints.set_anchor_mode(model, tok, "ep")
-    TRAINED_CONTEXT[id(model)] = model.cfg.max_seq_len
+    trained = model.cfg.max_seq_len
     model.cfg = model.cfg.replace(max_seq_len=1 << 20)  # positions past the trained context are measured, not refused
-    return model, tok, cli_args.separator_ids(tok, None)
+    return model, tok, cli_args.separator_ids(tok, None), trained
 
 
 def resolve(spec: str, seps: tuple[int, ...]) -> str | masks.Policy:
@@ -85,10 +84,10 @@ def resolve(spec: str, seps: tuple[int, ...]) -> str | masks.Policy:
 
 
 def run_accuracy(args) -> dict:
-    model, tok, seps = load(args.checkpoint)
+    model, tok, seps, trained = load(args.checkpoint)
     names = tasks.resolve_tasks(args.tasks)
     configs = [(label, resolve(spec, seps)) for label, spec in ACCURACY_POLICIES if _chosen(label, args.only)]
-    report = _header(args, model) | {"shots": args.shots, "docs_per_task": args.docs, "policies": {}, "tasks": names}
+    report = _header(args, trained) | {"shots": args.shots, "docs_per_task": args.docs, "policies": {}, "tasks": names}
     for label, policy in configs:
         report["policies"][label] = {"policy": str(policy), "tasks": {}}
     for name in names:
@@ -214,9 +213,9 @@ def stream(model: Llama, ids: np.ndarray, policy, chunk: int, limit: int) -> dic
 
 
 def run_endless(args) -> dict:
-    model, tok, seps = load(args.checkpoint)
+    model, tok, seps, trained = load(args.checkpoint)
     ids = kjv_tokens(tok, args.tokens)
-    report = _header(args, model) | {"chunk": args.chunk, "tokens": int(len(ids) - 1), "runs": {}}
+    report = _header(args, trained) | {"chunk": args.chunk, "tokens": int(len(ids) - 1), "runs": {}}
     for label, spec in [(label, spec) for label, spec in ENDLESS_POLICIES if _chosen(label, args.only)]:
         limit = args.full_tokens if spec == "full" else args.tokens
         print(f"{label}: {limit} tokens", file=sys.stderr, flush=True)
@@ -288,10 +287,10 @@ def _chosen(label: str, only: str | None) -> bool:
     return only is None or label in [x.strip() for x in only.split(",")]
 
 
-def _header(args, model: Llama) -> dict:
+def _header(args, trained_context: int) -> dict:
     name = "SmolLM2-135M-Instruct (EP: '.' anchors)" if args.checkpoint == "smollm2" else args.checkpoint
     head = {"model": name, "commit": records.commit(), "device": records.hardware(), "jax": jax.__version__}
-    return head | {"trained_context": TRAINED_CONTEXT.get(id(model))}
+    return head | {"trained_context": trained_context}
 
 
 def main() -> None:
