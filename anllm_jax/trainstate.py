@@ -136,6 +136,11 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # orbax's close() does not wait for its start-up cleanup of unfinished temporary checkpoints; a process that
+        # stops right after start-up (a bad input) would see that thread fail at interpreter exit, with a traceback.
+        pending = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+        if pending is not None:
+            pending.result()
         self.manager.close()
 
 
