@@ -447,7 +447,10 @@ def loop(job: Job) -> None:
         job.ckpt.wait()
     finally:
         profiler.stop()
-        signal.signal(signal.SIGTERM, previous_handler)
+        # After a preemption checkpoint, a further SIGTERM (a scheduler ending the other tasks once one has exited
+        # with 143) must not kill this process in the middle of its orderly exit (`train` and `main` keep it
+        # ignored until then); the scheduler's KillWait still bounds that exit.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if job.sigterm else previous_handler)
 
 
 def finish(job: Job) -> dict[str, Any]:
@@ -472,6 +475,7 @@ def finish(job: Job) -> dict[str, Any]:
 def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
     """Run the job; returns {history: per-step metric dicts, state: final train state, model_config, run_dir,
     preempted, eval_before/eval_after: held-out perplexities}."""
+    previous_handler = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL
     job = setup(cfg, devices)
     try:
         if job.eval_batches and job.last_saved is None:
@@ -481,6 +485,7 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
     finally:
         job.ckpt.close()
         job.runlog.close()
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -506,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLogger().setLevel(logging.WARNING)
         result = train(cfg)
         if result["preempted"]:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see `loop`: the exit itself is not cut short
             sys.exit(143)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"anllm_jax.train: error: {e}", file=sys.stderr)
