@@ -130,27 +130,13 @@ def _pad(q, k, v, info: masks.TokenInfo, Tp: int):
 def select_path(info: masks.TokenInfo, block: int, capacity: int, tiers: tuple[int, ...]) -> jax.Array:
     """Index of the first tier that computes `info` exactly, or len(tiers) for the all-keys path.
 
-    Among valid tokens, with `order` strictly increasing and `seg` non-decreasing, the same-seg keys a query
-    may see are the valid tokens from the start of its (seg, doc) run up to itself (runs split at doc changes
-    only where doc ids are also non-decreasing). A tier fits when every valid query's run starts inside its
-    window and every row's anchors fit the slots.
+    A tier fits when the rows are ordered, every valid query's run (`anchor_rows.runs`) starts inside its window
+    and every row's anchors fit the slots.
     """
-    B, T = info.order.shape
+    T = info.order.shape[1]
     t = jnp.arange(T, dtype=jnp.int32)
     valid = info.valid
-    last_valid = jax.lax.cummax(jnp.where(valid, t, -1), axis=1)
-    prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), last_valid[:, :-1]], axis=1)
-    has_prev = prev >= 0
-
-    def at_prev(x):
-        return anchor_rows.per_row(lambda x, i: x[i], x, jnp.maximum(prev, 0))
-
-    seg_prev, doc_prev = at_prev(info.seg), at_prev(info.doc)
-    follows = ~valid | ~has_prev
-    ordered = jnp.all(follows | ((info.order > at_prev(info.order)) & (info.seg >= seg_prev)))
-    doc_sorted = jnp.all(follows | (info.doc >= doc_prev), axis=1, keepdims=True)
-    new_run = valid & (~has_prev | (info.seg != seg_prev) | (doc_sorted & (info.doc != doc_prev)))
-    run_start = jax.lax.cummax(jnp.where(new_run, t, 0), axis=1)
+    ordered, run_start = anchor_rows.runs(info)
     fits_slots = jnp.all(jnp.sum(info.anchor & valid, axis=1) <= capacity)
     tier = jnp.int32(len(tiers))
     for i in reversed(range(len(tiers))):

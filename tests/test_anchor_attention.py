@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anllm_jax import anchor_attention, attention, masks
+from anllm_jax import anchor_attention, anchor_rows, attention, masks
 from anllm_jax.config import preset
 from anllm_jax.model import init_model
 
@@ -174,7 +174,7 @@ def test_pallas_kernels_lower_to_triton():
 _SHARDED_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from anllm_jax import anchor_attention, attention, masks
+from anllm_jax import anchor_attention, anchor_rows, attention, masks
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 r = np.random.default_rng(0)
 toks = r.integers(8, 30, size=(4, 64))
@@ -237,6 +237,39 @@ def _check_against_dense(name, dtype, tol, kernel):
     for g, g_ref, which in zip(grads, grads_ref, "qkv", strict=True):
         assert g.dtype == dtype
         assert _rel_err(g, g_ref) <= tol, f"d{which}"
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("tile", [10, 25])
+def test_block_tables_hold_every_allowed_key(name, tile):
+    """Per-tile tables against brute force over the dense mask: each allowed same-sentence key lies in its query
+    tile's window and that window starts no earlier than needed (up to keeping the table non-decreasing); each
+    allowed anchor of another sentence is among the anchors before the query tile's end, counted exactly; each
+    key tile is read by every query tile that needs it."""
+    toks, segs, _ = _layout(name)
+    info = _info(toks, segs)
+    tables = jax.tree.map(np.asarray, anchor_rows.block_tables(info, tile))
+    assert tables.ordered
+    allowed = np.asarray(masks.allowed(info, info))
+    seg = np.asarray(info.seg)
+    same = allowed & (seg[:, :, None] == seg[:, None, :])
+    is_anchor = np.asarray(info.anchor & info.valid)
+    nt = T // tile
+    for b in range(B):
+        pairs = list(zip(*np.nonzero(same[b]), strict=True))
+        need = [min([j // tile for i, j in pairs if i // tile == qt], default=qt) for qt in range(nt)]
+        want_first = [min(need[qt:]) for qt in range(nt)]
+        assert tables.first_key_tile[b].tolist() == want_first
+        for i, j in pairs:
+            assert tables.first_key_tile[b, i // tile] <= j // tile
+            assert i // tile <= tables.last_query_tile[b, j // tile]
+        slot = np.cumsum(is_anchor[b]) - 1
+        for i, j in zip(*np.nonzero(allowed[b] & ~same[b]), strict=True):
+            assert is_anchor[b, j] and slot[j] < tables.anchors_through[b, i // tile]
+        assert tables.anchors_through[b].tolist() == [int(is_anchor[b, : (qt + 1) * tile].sum()) for qt in range(nt)]
+        for kt in range(nt):
+            readers = [qt for qt in range(nt) if want_first[qt] <= kt <= qt]
+            assert tables.last_query_tile[b, kt] == max(readers, default=kt - 1)
 
 
 def test_rule_pieces_partition_the_mask():
