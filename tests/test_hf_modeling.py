@@ -80,6 +80,25 @@ def test_greedy_generation_equals_the_anchor_cache(ep):
     assert stats["cache_bytes"] == sum(kept) * kvcache.bytes_per_entry(model.cfg)
 
 
+@pytest.mark.parametrize("search", [{"num_beams": 3}, {"do_sample": True, "top_k": 5}])
+def test_beam_search_and_sampling_equal_the_uncached_search(ep, search):
+    """Beam search reorders the anchor cache's rows, sampling feeds it sampled anchors: both give the sequences of
+    the same search recomputing every step without a cache (one masked forward over the row)."""
+    hf = _hf(ep[1], trust_remote_code=True)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 64, size=n).tolist() for n in (7, 23, 31, 12)]
+    ids, pad = torch.zeros(4, 31, dtype=torch.long), torch.zeros(4, 31, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 31 - len(p) :], pad[b, 31 - len(p) :] = torch.tensor(p), 1
+    runs = []
+    with torch.no_grad():
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            kw = {"max_new_tokens": 10, "pad_token_id": 0, "use_cache": use_cache, **search}
+            runs.append(hf.generate(input_ids=ids, attention_mask=pad, **kw))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_training_forward_is_the_masked_forward(ep):
     """Without a cache (training, scoring) the logits and the next-token loss are those of the AnSAN forward."""
     model, path = ep

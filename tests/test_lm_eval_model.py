@@ -2,25 +2,25 @@
 generation task and a rolling-perplexity task run end to end against brute-force masked forwards. No hub: every
 task is a YAML over local JSON files."""
 
-import importlib.util
-import json
+# ruff: noqa: E402  (no hub: the offline switches are set before lm-eval and datasets read them)
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import importlib.util
+import json
+
 import jax
+import lm_eval
 import numpy as np
 import pytest
 
-from anllm_jax import checkpoints, formats, masks, tasks
+from anllm_jax import checkpoints, formats, lm_eval_model, masks, tasks
 from anllm_jax import eval as ev
 from anllm_jax.config import preset
 from anllm_jax.model import init_model
 from anllm_jax.tokenizer import Tokenizer
-
-lm_eval = pytest.importorskip("lm_eval")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from anllm_jax import lm_eval_model  # noqa: E402  (registers anllm-jax in lm-eval)
 
 DOCS = 1
 
