@@ -378,6 +378,8 @@ def write_tasks(output: str, names: Sequence[str] = tasks.TASKS, limit: int | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in ([], ["-h"], ["--help"]):
+        print(__doc__)  # the model arguments, then lm-eval's own help
     try:
         if argv[:1] == ["write-tasks"]:
             p = argparse.ArgumentParser(prog="python -m anllm_jax.lm_eval_model write-tasks", description=__doc__)
