@@ -73,6 +73,8 @@ def check_model_args(args: dict[str, Any]) -> None:
             f"unknown model argument(s) {', '.join(sorted(unknown))} for --model {NAME}; it takes "
             f"{', '.join(sorted(known - {'batch_size', 'max_batch_size', 'device'}))}"
         )
+    if args.get("cache") not in (None, "full", "none"):
+        masks.parse_policy(args["cache"])  # an unknown cache policy fails here, not after loading the model
     path = args.get("checkpoint")
     if not path:
         raise ValueError(f"--model {NAME} needs --model_args checkpoint=PATH (HF dir, GGUF, native dir or smollm2)")
@@ -114,7 +116,7 @@ class AnLLMJax(LM):
         **policy_args: Any,
     ) -> None:
         super().__init__()
-        check_model_args({"checkpoint": checkpoint, **policy_args})
+        check_model_args({"checkpoint": checkpoint, "cache": cache, **policy_args})
         self.batch_size = _batch_size(batch_size, max_batch_size)
         model, tok = checkpoints.load_for_inference(checkpoint, dtype, anchor_mode)
         wants_anchors = cache not in (None, "full", "none") and masks.parse_policy(cache).reads_anchors
@@ -212,7 +214,9 @@ class AnLLMJax(LM):
         return out
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """Contexts longer than `max_length` keep their last tokens, as lm-eval's HF model does."""
         pairs = [self.encode_pair(*r.args) for r in requests]
+        pairs = [(ctx[-max(1, self.max_length + 1 - len(cont)) :], cont) for ctx, cont in pairs]
         docs = [
             (r.task_name, r.doc_id if r.doc_id is not None else tuple(p[0]))
             for r, p in zip(requests, pairs, strict=True)

@@ -175,6 +175,7 @@ def test_rolling_perplexity_task_end_to_end(ckpt, loaded, tmp_path):
         ("checkpoint={ckpt},colour=red", "unknown model argument(s) colour for --model anllm-jax"),
         ("checkpoint={ckpt}/missing", "missing does not exist"),
         ("cache=anchor", "needs --model_args checkpoint=PATH"),
+        ("checkpoint={ckpt},cache=sliding", "policy 'sliding' is not one of"),
     ],
 )
 def test_bad_model_arguments_are_one_line_errors(ckpt, capsys, model_args, message):
