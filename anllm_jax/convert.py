@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='initial <AC> embedding rows for --anchor-mode ac: copy of the "." rows (dot) or the mean row (mean)',
     )
     p.add_argument(
+        "--plain-llama",
+        action="store_true",
+        help="--to hf of an ep/ac model: leave out modeling_anllm.py (the AnSAN mask and anchor cache for "
+        "transformers' trust_remote_code); transformers then runs it as a plain Llama",
+    )
+    p.add_argument(
         "--param-dtype",
         choices=("float32", "bfloat16"),
         default=None,
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
+    if args.plain_llama and args.to != "hf":
+        raise ValueError("--plain-llama applies to --to hf only; drop it for --to native")
     own = checkpoints.is_native if args.to == "native" else formats.is_hf
     records.check_output_dir(args.output, own, args.overwrite)  # before minutes of loading
     overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
@@ -88,7 +96,7 @@ def convert(args: argparse.Namespace) -> None:
     if args.to == "native":
         checkpoints.save(model, tokenizer, args.output, args.overwrite)
     else:
-        formats.export_hf(model, tokenizer, args.output, args.overwrite)
+        formats.export_hf(model, tokenizer, args.output, args.overwrite, anchor_code=not args.plain_llama)
     print(f"wrote {args.to} checkpoint to {args.output}")
 
 

@@ -23,7 +23,6 @@ Outputs: results.json, results.md, results.png and loglikelihoods.json in --outp
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -31,14 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from tqdm import tqdm
 
-from anllm_jax import cli_args, generate, kvcache, masks, records, tasks
+from anllm_jax import cli_args, masks, records, tasks
 from anllm_jax.eval_reports import markdown_table, plot
 from anllm_jax.model import Llama, mask_anchor_ids, mask_policy, policy_anchor_ids
+from anllm_jax.scoring import kv_counts, score_cached, score_masked
 
 MODES = (
     "full",
@@ -55,161 +52,6 @@ _COMPILE_EVENTS = frozenset(
         "/jax/core/compile/backend_compile_duration",
     }
 )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Scoring
-
-
-def _bucket(n: int) -> int:
-    """Padded length: the next of 16, 24, 32, 48, 64, 96, ... (at most 1.5x padding, few compilations)."""
-    b = 16
-    while b < n:
-        b = b * 3 // 2 if b & (b - 1) == 0 else b // 3 * 4
-    return b
-
-
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _masked_loglik_jit(
-    graphdef, state, tokens_BT, segment_ids_BT, at_BK, targets_BK, weights_BK, mask: str | masks.Policy
-) -> jax.Array:
-    """Sum over k of weights[b, k] * log p(targets[b, k] | tokens[b, :at[b, k]+1]) under the attention mask
-    `mask`; the output head runs only at the positions `at_BK`."""
-    model = nnx.merge(graphdef, state)
-    logits_BKV = model(tokens_BT, segment_ids_BT=segment_ids_BT, mask=mask, logits_at_BK=at_BK)
-    logp_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BKV, axis=-1), targets_BK[..., None], axis=-1)[..., 0]
-    return jnp.sum(logp_BK * weights_BK, axis=1)
-
-
-def _doc_order(enc: tasks.EncodedTask) -> list[int]:
-    """Documents longest first, so batches hold similar lengths."""
-    longest = [max(len(c) + len(o) for c, o in opts) for opts in enc.options]
-    return sorted(range(len(enc.docs)), key=lambda d: -longest[d])
-
-
-def score_masked(
-    model: Llama, enc: tasks.EncodedTask, mask: str | masks.Policy, token_budget: int = 512, progress: bool = True
-) -> list[np.ndarray]:
-    """Per-document float64 log-likelihoods of each option: one forward per row under the attention mask `mask`,
-    all options of a document in one batch, documents batched up to `token_budget` padded tokens."""
-    graphdef, state = nnx.split(model)
-    out: list[np.ndarray | None] = [None] * len(enc.docs)
-    order = _doc_order(enc)
-    n_opt = max(len(o) for o in enc.options)
-    bar = tqdm(total=len(order), desc=f"{enc.name} {str(mask).partition(':')[0]}", disable=not progress, leave=False)
-    i = 0
-    while i < len(order):
-        T = _bucket(max(len(enc.row(order[i], o)) for o in range(len(enc.options[order[i]]))))
-        n_docs = 1
-        while n_docs * 2 * n_opt * T <= token_budget and i + n_docs * 2 <= len(order):
-            n_docs *= 2
-        batch = order[i : i + n_docs]
-        rows = [(d, o) for d in batch for o in range(len(enc.options[d]))]
-        B = n_docs * n_opt
-        K = _bucket(max(len(enc.options[d][o][1]) for d, o in rows))
-        tokens = np.zeros((B, T), np.int32)
-        segments = np.zeros((B, T), np.int32)
-        at = np.zeros((B, K), np.int32)
-        targets = np.zeros((B, K), np.int32)
-        weights = np.zeros((B, K), np.float32)
-        for r, (d, o) in enumerate(rows):
-            row = enc.row(d, o)
-            n_cont = len(enc.options[d][o][1])
-            tokens[r, : len(row)] = row
-            segments[r, : len(row)] = 1
-            # The logits at position t predict token t + 1: the continuation's tokens are predicted from the
-            # n_cont positions before the row's last.
-            at[r, :n_cont] = np.arange(len(row) - 1 - n_cont, len(row) - 1)
-            targets[r, :n_cont] = row[len(row) - n_cont :]
-            weights[r, :n_cont] = 1.0
-        sums = np.asarray(
-            jax.device_get(_masked_loglik_jit(graphdef, state, tokens, segments, at, targets, weights, mask))
-        )
-        for r, (d, o) in enumerate(rows):
-            if out[d] is None:
-                out[d] = np.zeros(len(enc.options[d]))
-            out[d][o] = sums[r]
-        i += n_docs
-        bar.update(n_docs)
-    bar.close()
-    return out
-
-
-def _shared_context(options: list[tuple[list[int], list[int]]]) -> int:
-    """Length of the longest token prefix that all options' contexts share (never reaching a continuation)."""
-    contexts = [ctx for ctx, _ in options]
-    n = min(len(c) for c in contexts)
-    for k in range(n):
-        if any(c[k] != contexts[0][k] for c in contexts):
-            return k
-    return n
-
-
-def score_cached(
-    model: Llama,
-    enc: tasks.EncodedTask,
-    policy: str | masks.Policy = "anchor",
-    batch_size: int = 16,
-    progress: bool = True,
-) -> tuple[list[np.ndarray], dict[str, int]]:
-    """Per-document log-likelihoods against the KV cache of a shared prefix, and statistics of that cache.
-
-    policy "anchor": the anchor cache under the model's AnSAN mask (equal to the "ansan" masked forward);
-    "full": every entry under the causal mask (equal to the "full" forward); a `masks.Policy`: its cache (equal
-    to the forward under its mask).
-    With demonstrations, they are prefilled once and every question + option row is scored against the
-    cache. Zero-shot, each document's shared context is prefilled and its options scored against it (a
-    document whose options share no token is scored by the masked forward, which is the same function).
-    """
-    mask = "full" if policy == "full" else "model"
-    out: list[np.ndarray | None] = [None] * len(enc.docs)
-    order = _doc_order(enc)
-    stats = {"prefix_tokens": len(enc.prefix), "prefix_entries_kept": 0, "prefills": 0}
-    bar = tqdm(
-        total=len(order), desc=f"{enc.name} {str(policy).partition(':')[0]}-cache", disable=not progress, leave=False
-    )
-
-    def collect(docs: list[int], rows: list[list[int]], logprobs: list[np.ndarray]) -> None:
-        k = 0
-        for d in docs:
-            lls = np.zeros(len(enc.options[d]))
-            for o, (_, cont) in enumerate(enc.options[d]):
-                lls[o] = float(np.sum(logprobs[k][len(rows[k]) - len(cont) :], dtype=np.float64))
-                k += 1
-            out[d] = lls
-
-    if enc.prefix:
-        cache, last_logits = generate.prefill(model, [enc.prefix], policy=policy, mask=mask)
-        stats["prefix_entries_kept"] = int(jax.device_get(cache.length)[0])
-        stats["prefills"] = 1
-        n_opt = max(len(o) for o in enc.options)
-        step = max(1, batch_size // n_opt)
-        for i in range(0, len(order), step):
-            docs = order[i : i + step]
-            rows = [ctx + cont for d in docs for ctx, cont in enc.options[d]]
-            logprobs, _ = generate.score_continuations(model, cache, last_logits, rows, batch_size=batch_size)
-            collect(docs, rows, logprobs)
-            bar.update(len(docs))
-    else:
-        for d in order:
-            rows = [ctx + cont for ctx, cont in enc.options[d]]
-            shared = _shared_context(enc.options[d])
-            if shared == 0:
-                single = tasks.EncodedTask(enc.name, [enc.docs[d]], [], [enc.options[d]])
-                rule = mask if policy in ("full", "anchor") else masks.parse_policy(policy)
-                out[d] = score_masked(model, single, rule, progress=False)[0]
-            else:
-                cache, last_logits = generate.prefill(model, [rows[0][:shared]], policy=policy, mask=mask)
-                stats["prefix_entries_kept"] += int(jax.device_get(cache.length)[0])
-                stats["prefix_tokens"] += shared
-                stats["prefills"] += 1
-                logprobs, _ = generate.score_continuations(
-                    model, cache, last_logits, [r[shared:] for r in rows], batch_size=len(rows)
-                )
-                collect([d], [r[shared:] for r in rows], logprobs)
-            bar.update(1)
-    bar.close()
-    return out, stats
 
 
 class _CompileClock:
@@ -250,21 +92,6 @@ def anchor_token_id(model: Llama) -> int | None:
     return mask_anchor_ids(model.cfg)[0] if model.cfg.anchor_mode == "ac" else None
 
 
-def kv_counts(
-    enc: tasks.EncodedTask, anchor_ids: tuple[int, ...], policy: str | masks.Policy = "anchor"
-) -> tuple[int, int]:
-    """(full cache entries, entries `policy`'s cache keeps at the end of each row) summed over every scored row
-    (the anchor policy keeps everything when there are no anchor ids)."""
-    full = kept = 0
-    plain = policy == "anchor" and not anchor_ids
-    for d, opts in enumerate(enc.options):
-        for o in range(len(opts)):
-            row = np.asarray(enc.row(d, o))
-            full += len(row)
-            kept += len(row) if plain else kvcache.kept_after(row, anchor_ids, policy)
-    return full, kept
-
-
 def mode_policy(model: Llama, mode: str, policies: dict[str, masks.Policy] | None = None) -> masks.Policy:
     """The policy a mode scores under: its own for policy modes (from `policies`, else its defaults), the
     model's own mask for ansan and no-cache, causal for full, AnSAN for anchor-cache."""
@@ -287,13 +114,15 @@ def _score_mode(
 ) -> tuple[list[np.ndarray], dict]:
     """(per-document option log-likelihoods, cache statistics) of one mode."""
     if mode == "full" and not enc.prefix:
-        return score_masked(model, enc, "full", token_budget, progress), {}
+        return score_masked(model, enc, "full", token_budget, progress)[0], {}
     if mode == "full" or mode.endswith("-cache"):
         # With demonstrations, full mode scores against their full KV cache, computed once: the same numbers as the
         # causal forward over each whole prompt, without recomputing the demonstrations for every option.
         cached = {"full": "full", "anchor-cache": "anchor", "ansan-cache": "anchor"}.get(mode, policy)
-        return score_cached(model, enc, cached, batch_size, progress)
-    return score_masked(model, enc, "model" if mode in ("ansan", "no-cache") else policy, token_budget, progress), {}
+        lls, _, stats = score_cached(model, enc, cached, batch_size, progress)
+        return lls, stats
+    rule = "model" if mode in ("ansan", "no-cache") else policy
+    return score_masked(model, enc, rule, token_budget, progress)[0], {}
 
 
 def evaluate_task(

@@ -22,6 +22,7 @@ un-permuted to the rotate_half layout the model uses.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import struct
@@ -35,7 +36,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from anllm_jax import gguf_file, records
+from anllm_jax import gguf_file, masks, records
 from anllm_jax.config import ModelConfig, RopeScaling
 from anllm_jax.model import Llama
 from anllm_jax.tokenizer import Tokenizer
@@ -44,6 +45,7 @@ HF_WEIGHTS = "model.safetensors"
 
 
 HF_INDEX = "model.safetensors.index.json"
+HF_MODELING = "modeling_anllm.py"  # the transformers model an AnSAN export carries (anllm_jax/hf_template/)
 
 
 # anllm_jax layer weight -> (HF name inside model.layers.{i}., GGUF name inside blk.{i}.)
@@ -315,16 +317,27 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _ansan(cfg: ModelConfig) -> bool:
+    """Whether the model runs under the AnSAN mask (ep or ac, no other policy): what modeling_anllm.py computes."""
+    return (
+        cfg.anchor_mode != "full" and bool(cfg.anchor_ids) and masks.parse_policy(cfg.policy or "ansan").name == "ansan"
+    )
+
+
 def is_hf(path: Path) -> bool:
     return (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
 
-def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str, overwrite: bool = False) -> None:
+def export_hf(
+    model: Llama, tokenizer: Tokenizer | None, directory: str, overwrite: bool = False, anchor_code: bool = True
+) -> None:
     """Write `directory` so that `transformers.LlamaForCausalLM.from_pretrained(directory)` loads the model.
 
     Weights go into one `model.safetensors` in the model's parameter dtype; the tokenizer files (if any) beside.
-    A model with non-finite parameters is refused, and so is a non-empty `directory` that is not an HF model
-    directory (unless `overwrite`).
+    An AnSAN model (ep or ac) also gets `modeling_anllm.py` and an `auto_map` (unless `anchor_code` is False), so
+    that `AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)` runs it under the AnSAN mask
+    with the anchor cache. A model with non-finite parameters is refused, and so is a non-empty `directory` that
+    is not an HF model directory (unless `overwrite`).
     """
     from safetensors.numpy import save_file
 
@@ -342,6 +355,9 @@ def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str, overwri
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = np.ascontiguousarray(np_(p["lm_head"]).T)
     hf_cfg = hf_config(cfg)
+    code = anchor_code and _ansan(cfg)
+    if code:
+        hf_cfg["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING[:-3]}.AnLLMForCausalLM"}
 
     def write(tmp: str) -> None:
         save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
@@ -349,6 +365,10 @@ def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str, overwri
             json.dump(hf_cfg, f, indent=2)
         if tokenizer is not None:
             tokenizer.hf_tokenizer_files(tmp)
+        if code:
+            template = importlib.resources.files("anllm_jax") / "hf_template" / HF_MODELING
+            with open(os.path.join(tmp, HF_MODELING), "w") as f:
+                f.write(template.read_text())
 
     if not records.all_finite(p):
         raise FloatingPointError(f"the model has non-finite parameters; not exporting it to {directory}")

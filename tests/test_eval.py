@@ -106,7 +106,7 @@ def test_full_mode_with_demonstrations_equals_causal_forward(ep_model, name):
     assert r["modes"]["full"]["prefix_entries_kept"] == r["modes"]["full"]["prefix_tokens"] > 0
     demos, docs = tasks.fewshot(tasks.load_task(name), 2)
     enc = tasks.encode_task(ByteTokenizer(), name, demos, docs[:3])
-    forward = ev.score_masked(ep_model, enc, "full", progress=False)
+    forward = ev.score_masked(ep_model, enc, "full", progress=False)[0]
     for x, y in zip(lls["full"], forward, strict=True):
         assert np.argmax(x) == np.argmax(y)
         np.testing.assert_allclose(x, y, atol=1e-3, rtol=0)
@@ -120,7 +120,9 @@ def test_cached_modes_equal_masked_forward_in_float64(name):
         model = init_model(preset("tiny", dtype="float64", anchor_mode="ep", anchor_ids=(DOT,), max_seq_len=4096))
         _, lls = ev.evaluate_task(model, ByteTokenizer(), name, 2, ["full", "ansan", "anchor-cache"], 2, progress=False)
         demos, docs = tasks.fewshot(tasks.load_task(name), 2)
-        full = ev.score_masked(model, tasks.encode_task(ByteTokenizer(), name, demos, docs[:2]), "full", progress=False)
+        full = ev.score_masked(
+            model, tasks.encode_task(ByteTokenizer(), name, demos, docs[:2]), "full", progress=False
+        )[0]
     for x, y in zip(lls["ansan"], lls["anchor-cache"], strict=True):
         np.testing.assert_allclose(x, y, atol=1e-9, rtol=0)
     for x, y in zip(full, lls["full"], strict=True):
@@ -139,10 +141,12 @@ def test_anchor_cache_equals_ansan_ac(ac_model):
 
 
 def test_masked_scores_equal_unpadded_rows(ep_model):
-    """Batched, padded, bucketed scoring equals each row scored alone without padding (float64 softmax)."""
+    """Batched, padded, bucketed scoring equals each row scored alone without padding (float64 softmax), and so
+    does its greedy flag (every option token the argmax)."""
     demos, docs = tasks.fewshot(tasks.load_task("sciq"), 1)
     enc = tasks.encode_task(ByteTokenizer(), "sciq", demos, docs[:1])
-    batched = ev.score_masked(ep_model, enc, "model", progress=False)[0]
+    lls, greedy = ev.score_masked(ep_model, enc, "model", progress=False)
+    batched = lls[0]
     forward = jax.jit(lambda t: ep_model(t, mask="anchor"))
     for o, (ctx, cont) in enumerate(enc.options[0]):
         row = np.asarray([enc.prefix + ctx + cont], np.int32)
@@ -152,6 +156,7 @@ def test_masked_scores_equal_unpadded_rows(ep_model):
         n = row.shape[1]
         expected = sum(logp[t - 1, row[0, t]] for t in range(n - len(cont), n))
         assert abs(batched[o] - expected) < 1e-3
+        assert greedy[0][o] == all(np.argmax(logp[t - 1]) == row[0, t] for t in range(n - len(cont), n))
 
 
 # ------------------------------------------------------------------------------------------------------------
