@@ -25,8 +25,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -315,16 +314,20 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def is_hf(path: Path) -> bool:
-    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
-
-
-def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str, overwrite: bool = False) -> None:
+def export_hf(
+    model: Llama,
+    tokenizer: Tokenizer | None,
+    directory: str,
+    overwrite: bool = False,
+    *,
+    writer: str = "anllm_jax.formats.export_hf",
+    inputs: Sequence[str] = (),
+) -> None:
     """Write `directory` so that `transformers.LlamaForCausalLM.from_pretrained(directory)` loads the model.
 
     Weights go into one `model.safetensors` in the model's parameter dtype; the tokenizer files (if any) beside.
-    A model with non-finite parameters is refused, and so is a non-empty `directory` that is not an HF model
-    directory (unless `overwrite`).
+    A model with non-finite parameters is refused, and so is a `directory` that holds files `writer` did not write
+    (unless `overwrite`; records.check_output_dir).
     """
     from safetensors.numpy import save_file
 
@@ -352,7 +355,7 @@ def export_hf(model: Llama, tokenizer: Tokenizer | None, directory: str, overwri
 
     if not records.all_finite(p):
         raise FloatingPointError(f"the model has non-finite parameters; not exporting it to {directory}")
-    records.replace_dir(directory, write, is_hf, overwrite)
+    records.replace_dir(directory, write, writer, overwrite, inputs)
 
 
 def load_gguf(path: str, overrides: dict[str, Any]) -> tuple[Llama, Tokenizer]:
