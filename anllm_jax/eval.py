@@ -514,6 +514,13 @@ def write_outputs(results: dict, lls: dict, output: str, overwrite: bool = False
     return Path(output)
 
 
+def _load(checkpoint: str, dtype: str):
+    """The model and tokenizer, refused (one line) without a tokenizer or with non-finite parameters."""
+    from anllm_jax import checkpoints
+
+    return checkpoints.load_for_inference(checkpoint, dtype)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m anllm_jax.eval", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="HF dir, GGUF file, native dir, or 'smollm2' (packaged)")
@@ -556,11 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.check_writable(args.output, "--output")
         if args.dtype == "float64":  # a numerical reference run: without x64, JAX would compute in float32
             jax.config.update("jax_enable_x64", True)
-        from anllm_jax import checkpoints
-
-        model, tokenizer = checkpoints.load_for_inference(args.checkpoint, args.dtype)
+        model, tokenizer = _load(args.checkpoint, args.dtype)
         needs_anchors = any(m not in ("full", "full-cache") for m in modes)
         if args.anchors and args.anchors != model.cfg.anchor_mode or needs_anchors and model.cfg.anchor_mode == "full":
+            from anllm_jax import checkpoints
+
             model, tokenizer = checkpoints.set_anchor_mode(model, tokenizer, args.anchors or "ep")
             print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}", file=sys.stderr)
         if args.ac_sentences and model.cfg.anchor_mode != "ac":

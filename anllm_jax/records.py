@@ -350,12 +350,16 @@ def read_json(path: str | Path) -> Any:
 
 
 def check_writable(directory: str | Path, what: str) -> None:
-    """Before any expensive work: `directory` can be made and written into (a probe file is written and removed)."""
-    path = Path(directory)
+    """Before any expensive work: `directory` can be made and written into (a probe file is written and removed,
+    and so are the folders made for it: a check leaves nothing behind)."""
+    path = Path(directory).absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
+        for p in made:
+            p.rmdir()
     except OSError as e:
         raise ValueError(f"{what} {directory} is not writable ({e.strerror}); choose another folder") from None

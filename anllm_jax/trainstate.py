@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +113,29 @@ class _QuietOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
-_OUT_OF_SPACE = ("No space left", "File too large", "Disk quota exceeded", "os_error_code='28'", "os_error_code='27'")
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _os_error(e: BaseException) -> tuple[int | None, str]:
+    """(errno, its text) of a failed write: TensorStore puts it at the end of its message."""
+    cause = e.__cause__ or e
+    found = re.search(r"([^:\"]+) \[os_error_code='(\d+)'\]", str(cause))
+    if found:
+        return int(found.group(2)), found.group(1).strip()
+    return getattr(cause, "errno", None), records.error_reason(e)
+
+
+def _quiet_closed_loops(previous: Any) -> Any:
+    """After a failed write, TensorStore completes the other writes of that save into orbax's closed event loop;
+    each raises an unraisable "Event loop is closed" that would print a traceback. The failure itself is reported
+    in one line (`Checkpoints.save`/`wait`)."""
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiet_closed_loops = True
+    return hook
 
 
 class Checkpoints:
@@ -132,6 +157,8 @@ class Checkpoints:
         )
         self.pending: tuple[int, int] | None = None  # (step, bytes) of the save in flight
         logging.getLogger("absl").addFilter(_QUIET)
+        if not getattr(sys.unraisablehook, "quiet_closed_loops", False):
+            sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -169,8 +196,8 @@ class Checkpoints:
                 shutil.rmtree(tmp, ignore_errors=True)
         previous = [s for s in self.manager.all_steps() if s != step]
         kept = f"step {max(previous)} is intact and a rerun resumes from it" if previous else "no earlier step exists"
-        reason = records.error_reason(e)
-        if any(s in reason for s in _OUT_OF_SPACE):
+        code, reason = _os_error(e)
+        if code in _OUT_OF_SPACE:
             free = shutil.disk_usage(self.directory).free
             raise OSError(
                 f"out of disk space writing checkpoint step {step} to {self.directory} ({reason}): it needs about "
