@@ -557,10 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         check_shots(names, shots)
-        # Before the scoring, not after it: never the current folder or one holding the model, nothing eval did not
-        # write without --overwrite, and writable.
-        records.check_output_dir(args.output, WRITER, args.overwrite, [args.checkpoint])
+        # Before the scoring, not after it: writable, never the current folder or one holding the model, and
+        # nothing in it eval did not write (without --overwrite).
         records.check_writable(args.output, "--output")
+        records.check_output_dir(args.output, WRITER, args.overwrite, [args.checkpoint])
         if args.dtype == "float64":  # a numerical reference run: without x64, JAX would compute in float32
             jax.config.update("jax_enable_x64", True)
         model, tokenizer = _load(args.checkpoint, args.dtype)

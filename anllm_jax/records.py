@@ -281,6 +281,7 @@ class DirLock:
         self.path = Path(directory) / LOCK
         self._stop = threading.Event()
         self._owner = lock_owner(os.getpid())
+        self.took_over: dict[str, Any] | None = None  # the owner of a lock left behind, when one was taken over
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -308,6 +309,7 @@ class DirLock:
                 f"run_name (a lock of another host counts as left behind after {LOCK_STALE_S:.0f} s)"
             )
         self.path.unlink(missing_ok=True)
+        self.took_over = owner
 
     def _refresh(self) -> None:
         while not self._stop.wait(LOCK_REFRESH_S):

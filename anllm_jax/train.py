@@ -295,7 +295,6 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Job:
     _check_batch(cfg, mesh, rules)
     if not (math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr >= 0):
         raise ValueError(f"optimizer.lr={cfg.optimizer.lr} must be a finite number >= 0, e.g. optimizer.lr=2e-5")
-    records.check_writable(run_dir, "output_dir/run_name")
     lock = trainstate.open_run_dir(run_dir, cfg.checkpoint.export_model)
     ckpt = None
     try:

@@ -1,5 +1,6 @@
 """The train state {step, params, opt_state}: its sharded shapes, a fresh start, and orbax checkpoints for exact
-resume (the state plus every process's data-iterator position), restorable on any mesh.
+resume (the state plus every process's data-iterator position and the guard's reference), restorable on any mesh;
+the run folder a job owns and locks; and the divergence guard, which decides which checkpoints are good.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a kill mid-write leaves the
 previous checkpoint the latest one.
@@ -228,10 +229,12 @@ class Checkpoints:
             step = self.latest_step()
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
             try:
-                out = self.manager.restore(step, args=args)
+                out, reason = self.manager.restore(step, args=args), ""
             except Exception as e:  # orbax wraps TensorStore read errors in a bare Exception
                 reason = records.error_reason(e)
-            else:
+            # Each process reads its own shards: all fall back together when any of them could not.
+            reason = next((r for r in gather_strings(reason) if r), "")
+            if not reason:
                 return step, out["state"], self._data_position(step, out["data"]), out["data"].get("guard", {})
             older = [s for s in self.manager.all_steps() if s < step]
             if not older:
@@ -275,18 +278,23 @@ _QUIET = _QuietOrbaxErrors()
 
 
 def open_run_dir(run_dir: Path, export_model: bool) -> records.DirLock | None:
-    """On the first process, before any work: the run folder is this program's own (its manifest), no other job
-    works in it (a lock naming host and pid, held until the job ends), what an interrupted export left is removed,
-    and model/ is an export of this program. Every process gets the verdict."""
+    """On the first process, before any work: the run folder is writable and this program's own (its manifest),
+    no other job works in it (a lock naming host and pid, held until the job ends), what an interrupted export
+    left is removed, and model/ is an export of this program. Every process gets the verdict."""
     lock, error = None, ""
     if jax.process_index() == 0:
         try:
+            records.check_writable(run_dir, "output_dir/run_name")
             marker = json.dumps({"writer": RUN_WRITER})
             records.claim_dir(
                 run_dir, RUN_WRITER, f"pick another output_dir or run_name; if it is a training run of an older "
                 f"anllm_jax, mark it as one: echo '{marker}' > {run_dir / records.MANIFEST}",
             )  # fmt: skip
             lock = records.DirLock(run_dir)
+            if lock.took_over is not None:
+                owner = lock.took_over
+                log.warning("%s: took over the lock of process %s on %s, which is gone", run_dir, owner.get("pid", "?"),
+                            owner.get("host", "?"))  # fmt: skip
             for partial in [
                 *run_dir.glob("model.tmp-*"),
                 *(run_dir.glob("model.old-*") if (run_dir / "model").is_dir() else ()),

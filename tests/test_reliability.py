@@ -264,6 +264,11 @@ def test_guard_rules_condemn_the_parameters_they_saw():
         assert g.problem({"loss": loss, "grad_norm": 1.0, "finite": 1.0}) is None
     problem, condemned = g.problem({"loss": ln_v + 1e-4, "grad_norm": 1.0, "finite": 1.0})
     assert "is back at ln(vocab), a uniform guess, from a median of 3.0000" in problem and condemned == 1
+    g = trainstate.Guard(config.GuardConfig(spike_factor=5.0, spike_window=4), vocab_size=256)
+    for loss in (2.0, 2.2, 1.9, 2.1, 9.0):  # 9.0 < 5 x median(2.0, 2.2, 1.9, 2.1): not a spike
+        assert g.problem({"loss": loss, "grad_norm": 1.0, "finite": 1.0}) is None
+    problem, condemned = g.problem({"loss": 12.0, "grad_norm": 1.0, "finite": 1.0})
+    assert "is 5.6x the median 2.1500 of the previous 4 steps" in problem and condemned == 1
     assert g.problem({"loss": 2.0, "grad_norm": float("inf"), "finite": 1.0}) == ("the gradient norm is inf", 1)
     assert g.problem({"loss": 2.0, "grad_norm": 1.0, "finite": 0.0})[1] == 0  # only the update overflowed
     assert g.problem({"loss": float("nan"), "finite": 1.0}) == ("loss is nan", 1)
@@ -295,6 +300,8 @@ def test_a_dead_model_is_rejected_and_the_last_good_checkpoint_kept(base, run):
     assert "at step 6; stopped without saving it; checkpoint step 5 held those parameters: moved to " in msg
     assert f"the last good checkpoint is step 4 in {run / 'checkpoints'}" in msg and "optimizer.lr=100000" in msg
     assert steps(run) == [4] and steps(run, "rejected") == [5] and not (run / "model").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss"]) for r in rows)
 
 
 def test_a_non_finite_learning_rate_is_refused_at_start(base, tmp_path):
