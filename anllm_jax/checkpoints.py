@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,46 @@ def smollm2_gguf_path() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Orbax's leftovers of a failed read or write
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs every failure of its background threads with a traceback, several times over; the callers here
+    report the error in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_leftovers(previous: Any) -> Any:
+    """An unraisable-exception hook that drops what a failed orbax operation leaves behind: its coroutines, which
+    raise again when collected, and TensorStore completing the other writes of a failed save into orbax's closed
+    event loop ("Event loop is closed"). Each would print a traceback after the one-line error."""
+
+    def hook(unraisable: Any) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        from_orbax = f"{os.sep}orbax{os.sep}" in getattr(code, "co_filename", "")
+        closed_loop = (
+            isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        )
+        if not (from_orbax or closed_loop):
+            previous(unraisable)
+
+    hook.quiet_orbax = True
+    return hook
+
+
+def quiet_orbax() -> None:
+    """Before reading or writing with orbax: its failures reach the caller as one exception, and nothing else."""
+    logging.getLogger("absl").addFilter(_QUIET)
+    if not getattr(sys.unraisablehook, "quiet_orbax", False):
+        sys.unraisablehook = _quiet_leftovers(sys.unraisablehook)
+
+
+_QUIET = _QuietOrbaxErrors()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Native format
 
 
@@ -95,6 +136,7 @@ def save(
 def _load_native(directory: str, overrides: dict[str, Any]) -> tuple[Llama, Tokenizer | None]:
     import orbax.checkpoint as ocp
 
+    quiet_orbax()
     saved = ModelConfig.from_dict(records.read_json(os.path.join(directory, "config.json")))
     cfg = saved.replace(**overrides)
     abstract = nnx.eval_shape(lambda: Llama(saved, rngs=nnx.Rngs(0)))
@@ -117,6 +159,7 @@ def _load_step(step_dir: str, run_dir: str, overrides: dict[str, Any]) -> tuple[
     """The parameters of one committed training step (a partial restore: the optimizer state stays on disk)."""
     import orbax.checkpoint as ocp
 
+    quiet_orbax()
     saved = ModelConfig.from_dict(records.read_json(os.path.join(run_dir, RUN_MODEL_CONFIG)))
     abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Llama(saved, rngs=nnx.Rngs(0))), nnx.Param)[1])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

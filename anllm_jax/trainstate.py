@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from anllm_jax import records, sharding
+from anllm_jax import checkpoints, records, sharding
 from anllm_jax.config import GuardConfig, ModelConfig, load_train_config
 from anllm_jax.model import Llama
 from anllm_jax.trainstep import make_optimizer
@@ -106,14 +105,6 @@ def gather_strings(text: str) -> list[str]:
     return [bytes(everything[i, : int(lengths[i, 0])]).decode() for i in range(jax.process_count())]
 
 
-class _QuietOrbaxErrors(logging.Filter):
-    """Orbax logs every failure of its background save threads with a traceback, several times over; the error
-    also reaches `Checkpoints.save`/`wait`, which report it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
@@ -124,19 +115,6 @@ def _os_error(e: BaseException) -> tuple[int | None, str]:
     if found:
         return int(found.group(2)), found.group(1).strip()
     return getattr(cause, "errno", None), records.error_reason(e)
-
-
-def _quiet_closed_loops(previous: Any) -> Any:
-    """After a failed write, TensorStore completes the other writes of that save into orbax's closed event loop;
-    each raises an unraisable "Event loop is closed" that would print a traceback. The failure itself is reported
-    in one line (`Checkpoints.save`/`wait`)."""
-
-    def hook(unraisable: Any) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.quiet_closed_loops = True
-    return hook
 
 
 class Checkpoints:
@@ -157,9 +135,7 @@ class Checkpoints:
             item_names=("state", "data"),
         )
         self.pending: tuple[int, int] | None = None  # (step, bytes) of the save in flight
-        logging.getLogger("absl").addFilter(_QUIET)
-        if not getattr(sys.unraisablehook, "quiet_closed_loops", False):
-            sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+        checkpoints.quiet_orbax()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -268,9 +244,6 @@ class Checkpoints:
             pending.result()
         with contextlib.suppress(Exception):  # a failed save in flight: save/wait report its error in one line
             self.manager.close()
-
-
-_QUIET = _QuietOrbaxErrors()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
