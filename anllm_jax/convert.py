@@ -29,10 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--output",
         required=True,
-        help="output directory: new, empty, or a checkpoint of the --to format (replaced atomically once the new one "
-        "is whole); anything else needs --overwrite",
+        help="output directory: new, empty, or an earlier output of this command (replaced atomically once the new "
+        "one is whole); a folder holding anything else needs --overwrite",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output that is not a checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output holding files this command did not write (never one holding --input or the "
+        "current folder)",
+    )
     p.add_argument("--to", required=True, choices=("native", "hf"), help="native: orbax + config.json; hf: safetensors")
     p.add_argument(
         "--anchor-mode",
@@ -77,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+WRITER = "anllm_jax.convert"
+
+
 def convert(args: argparse.Namespace) -> None:
     if args.plain_llama and args.to != "hf":
         raise ValueError("--plain-llama applies to --to hf only; drop it for --to native")
-    own = checkpoints.is_native if args.to == "native" else formats.is_hf
-    records.check_output_dir(args.output, own, args.overwrite)  # before minutes of loading
+    source = checkpoints.smollm2_gguf_path() if args.input == "smollm2" else args.input
+    records.check_output_dir(args.output, WRITER, args.overwrite, [source])  # before minutes of loading
     overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
     start = time.perf_counter()
     model, tokenizer = checkpoints.load(args.input, **overrides)
@@ -94,9 +102,17 @@ def convert(args: argparse.Namespace) -> None:
         )
         print(f"anchor mode {model.cfg.anchor_mode}, anchor ids {list(model.cfg.anchor_ids)}")
     if args.to == "native":
-        checkpoints.save(model, tokenizer, args.output, args.overwrite)
+        checkpoints.save(model, tokenizer, args.output, args.overwrite, writer=WRITER, inputs=[source])
     else:
-        formats.export_hf(model, tokenizer, args.output, args.overwrite, anchor_code=not args.plain_llama)
+        formats.export_hf(
+            model,
+            tokenizer,
+            args.output,
+            args.overwrite,
+            anchor_code=not args.plain_llama,
+            writer=WRITER,
+            inputs=[source],
+        )
     print(f"wrote {args.to} checkpoint to {args.output}")
 
 

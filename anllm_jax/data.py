@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from anllm_jax.corpus import REGISTRY, AnllmCorpus, iter_documents
 
 DATASET_NAME = "anllm_corpus"
 PREPARE_RECORD = "prepare.json"
+PREPARE_WRITER = "anllm_jax.data prepare"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +102,8 @@ def prepare(
     """Build the raw-document tfds dataset under `output`; returns the dataset folder.
 
     An existing dataset built from the same arguments is reused; a different one, or files edited since, need
-    `overwrite=True`.
+    `overwrite=True`. The folder is written whole into a temporary sibling and renamed into place; it may hold
+    only an earlier output of `prepare` (records.check_output_dir), never a source.
     """
     if not sources:
         raise ValueError(f"no corpus source given; pass '{REGISTRY}' or folders of .txt/.jsonl files")
@@ -115,23 +116,25 @@ def prepare(
     }
     out = Path(output)
     record_path = out / PREPARE_RECORD
-    if record_path.exists() and not overwrite:
+    if record_path.is_file() and not overwrite:
         record = json.loads(record_path.read_text())
         if record["spec"] == spec and Path(record["dataset_dir"]).exists():
             return Path(record["dataset_dir"])
         raise ValueError(f"{out} holds a corpus prepared from {record['spec']}; pass --overwrite to replace it")
+    inputs = [s for s in spec["sources"] if s != REGISTRY]
+    records.check_output_dir(out, PREPARE_WRITER, overwrite, inputs)
     keys, stats = scan_sources(spec["sources"], max_docs)
     validation_keys = _split_validation(keys, val_fraction)
-    if (out / DATASET_NAME).exists():
-        shutil.rmtree(out / DATASET_NAME)
-    builder = AnllmCorpus(
-        sources=spec["sources"], validation_keys=validation_keys, max_docs=max_docs, data_dir=str(out)
-    )
-    builder.download_and_prepare()
-    stats["splits"] = {name: info.num_examples for name, info in builder.info.splits.items()}
-    record = {"spec": spec, "dataset_dir": str(Path(builder.data_dir).resolve()), "stats": stats}
-    records.write_json(record_path, record)
-    return Path(builder.data_dir)
+
+    def write(tmp: str) -> None:
+        builder = AnllmCorpus(sources=spec["sources"], validation_keys=validation_keys, max_docs=max_docs, data_dir=tmp)
+        builder.download_and_prepare()
+        stats["splits"] = {name: info.num_examples for name, info in builder.info.splits.items()}
+        final = out.resolve() / Path(builder.data_dir).resolve().relative_to(Path(tmp).resolve())
+        records.write_json(Path(tmp) / PREPARE_RECORD, {"spec": spec, "dataset_dir": str(final), "stats": stats})
+
+    records.replace_dir(out, write, PREPARE_WRITER, overwrite, inputs)
+    return Path(json.loads(record_path.read_text())["dataset_dir"])
 
 
 def dataset_dir(path: str | Path) -> Path:
@@ -373,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = prepare(args.source, args.output, args.val_fraction, args.max_docs, args.overwrite)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"anllm_jax.data: error: {e}", file=sys.stderr)
         return 2
     stats = json.loads((Path(args.output) / PREPARE_RECORD).read_text())["stats"]
     print(f"prepared {path}")

@@ -172,7 +172,7 @@ def evaluate_task(
         else:
             kv_full, kv_kept = kv_counts(enc, policy_anchor_ids(model.cfg, policy), policy)
         result["modes"][mode] = {
-            "acc": float(np.mean([s["acc"] for s in scores])) if scores else float("nan"),
+            "acc": float(np.mean([s["acc"] for s in scores])) if scores else None,
             "acc_norm": float(np.mean([s["acc_norm"] for s in scores])) if scores and task.has_acc_norm else None,
             "n": len(docs),
             "kv_full": kv_full,
@@ -233,11 +233,13 @@ def run(
     output: str | None = None,
     resume: bool = False,
     policies: dict[str, masks.Policy] | None = None,
+    overwrite: bool = False,
 ) -> tuple[dict, dict]:
     """Evaluate every task at every shot count in every mode. Returns (results, log-likelihoods).
 
     With `output`, the reports are rewritten after every task (`"complete": false` until the last), so a long
     run that is stopped keeps what it measured; `resume` then takes the tasks already in `output` from there.
+    `overwrite`: write into an `output` that holds files eval did not write (records.write_files).
     """
     check_shots(task_names, shots)
     results = {
@@ -275,7 +277,7 @@ def run(
             summary = ", ".join(f"{m} acc {100 * s['acc']:.1f} ({s['seconds']:.1f}s)" for m, s in r["modes"].items())
             print(f"[{k}-shot] {name} n={r['n']}: {summary}", file=sys.stderr)
             if output is not None:
-                write_outputs(results, lls, output)
+                write_outputs(results, lls, output, overwrite)
     results["complete"] = True
     return results, lls
 
@@ -311,24 +313,28 @@ def _previous_run(results: dict, output: str) -> tuple[dict, dict]:
     return old["results"], json.loads((Path(output) / "loglikelihoods.json").read_text())
 
 
-def write_outputs(results: dict, lls: dict, output: str) -> Path:
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+WRITER = "anllm_jax.eval"
+
+
+def write_outputs(results: dict, lls: dict, output: str, overwrite: bool = False) -> Path:
+    """The reports in `output`, each replaced whole; eval's manifest there names them, so a later run replaces
+    only these (records.write_files)."""
     # Log-likelihoods first: --resume trusts results.json, so it must never name tasks missing from them.
-    records.write_json(out / "loglikelihoods.json", lls, indent=None)
-    records.write_json(out / "results.json", results, indent=2)
-    records.write_text(out / "results.md", markdown_table(results))
-    plot(results, out / "results.png")
-    return out
+    fills = {
+        "loglikelihoods.json": lambda p: records.write_json(p, lls, indent=None),
+        "results.json": lambda p: records.write_json(p, results, indent=2),
+        "results.md": lambda p: records.write_text(p, markdown_table(results)),
+        "results.png": lambda p: plot(results, p),
+    }
+    records.write_files(output, fills, WRITER, overwrite)
+    return Path(output)
 
 
 def _load(checkpoint: str, dtype: str):
+    """The model and tokenizer, refused (one line) without a tokenizer or with non-finite parameters."""
     from anllm_jax import checkpoints
 
-    model, tokenizer = checkpoints.load(checkpoint, dtype=dtype)
-    if tokenizer is None:
-        raise ValueError(f"{checkpoint} has no tokenizer files; save the checkpoint with its tokenizer")
-    return model, tokenizer
+    return checkpoints.load_for_inference(checkpoint, dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,6 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mode", default="full", help=f"comma-separated modes: {', '.join(MODES)}")
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--output", default="eval_results", help="folder for results.json/.md/.png")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --output holding files eval did not write (its own names are replaced, the rest kept)",
+    )
     p.add_argument(
         "--anchors",
         choices=("ep", "ac"),
@@ -362,7 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         check_shots(names, shots)
-        records.check_writable(args.output, "--output")  # before the scoring, not after it
+        # Before the scoring, not after it: writable, never the current folder or one holding the model, and
+        # nothing in it eval did not write (without --overwrite).
+        records.check_writable(args.output, "--output")
+        records.check_output_dir(args.output, WRITER, args.overwrite, [args.checkpoint])
         if args.dtype == "float64":  # a numerical reference run: without x64, JAX would compute in float32
             jax.config.update("jax_enable_x64", True)
         model, tokenizer = _load(args.checkpoint, args.dtype)
@@ -392,11 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.output,
             args.resume,
             policies,
+            args.overwrite,
         )
-    except (ValueError, FileNotFoundError) as e:
+        out = write_outputs(results, lls, args.output, args.overwrite)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         print(f"anllm_jax.eval: error: {e}", file=sys.stderr)
         return 2
-    out = write_outputs(results, lls, args.output)
     print(markdown_table(results))
     print(f"wrote {out}/results.json, results.md, results.png, loglikelihoods.json", file=sys.stderr)
     return 0

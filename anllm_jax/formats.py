@@ -26,8 +26,7 @@ import importlib.resources
 import json
 import os
 import struct
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -324,20 +323,23 @@ def _ansan(cfg: ModelConfig) -> bool:
     )
 
 
-def is_hf(path: Path) -> bool:
-    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
-
-
 def export_hf(
-    model: Llama, tokenizer: Tokenizer | None, directory: str, overwrite: bool = False, anchor_code: bool = True
+    model: Llama,
+    tokenizer: Tokenizer | None,
+    directory: str,
+    overwrite: bool = False,
+    *,
+    anchor_code: bool = True,
+    writer: str = "anllm_jax.formats.export_hf",
+    inputs: Sequence[str] = (),
 ) -> None:
     """Write `directory` so that `transformers.LlamaForCausalLM.from_pretrained(directory)` loads the model.
 
     Weights go into one `model.safetensors` in the model's parameter dtype; the tokenizer files (if any) beside.
     An AnSAN model (ep or ac) also gets `modeling_anllm.py` and an `auto_map` (unless `anchor_code` is False), so
     that `AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)` runs it under the AnSAN mask
-    with the anchor cache. A model with non-finite parameters is refused, and so is a non-empty `directory` that
-    is not an HF model directory (unless `overwrite`).
+    with the anchor cache. A model with non-finite parameters is refused, and so is a `directory` that holds files
+    `writer` did not write (unless `overwrite`; records.check_output_dir).
     """
     from safetensors.numpy import save_file
 
@@ -372,7 +374,7 @@ def export_hf(
 
     if not records.all_finite(p):
         raise FloatingPointError(f"the model has non-finite parameters; not exporting it to {directory}")
-    records.replace_dir(directory, write, is_hf, overwrite)
+    records.replace_dir(directory, write, writer, overwrite, inputs)
 
 
 def load_gguf(path: str, overrides: dict[str, Any]) -> tuple[Llama, Tokenizer]:

@@ -31,11 +31,15 @@ from flax import nnx
 
 from anllm_jax import cli_args, kvcache, masks, sampling
 from anllm_jax.cli_args import read_prompts
+from anllm_jax.config import ModelConfig
 from anllm_jax.kvcache import KVCache
 from anllm_jax.model import Llama, mask_policy, policy_anchor_ids
 
 _MIN_BUCKET = 16
 _CAPACITY_MULTIPLE = 64
+# Prompts are prefilled in chunks of at most this many tokens, so that a prompt of any length that fits the cache
+# needs the memory of one chunk's attention over the cache, not of its whole length squared.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclasses.dataclass
@@ -96,6 +100,32 @@ def _warn_past_context(model: Llama, positions: int, what: str) -> None:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def _free_memory() -> int | None:
+    """Bytes free on the device (its allocator's limit less what it holds), else the host's available memory."""
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _check_memory(cfg: ModelConfig, batch: int, chunk: int, keys: int, cache_slots: int, fix: str) -> None:
+    """Refuse, before any work, a prefill whose cache plus one chunk's float32 attention scores (and their
+    softmax) over `keys` keys and its activations would not fit the free memory."""
+    per_chunk = chunk * (2 * cfg.n_heads * keys + 4 * cfg.d_model + 3 * cfg.ffn_dim) * 4
+    need = batch * (cache_slots * kvcache.bytes_per_entry(cfg) + per_chunk)
+    free = _free_memory()
+    if free is not None and need > free:
+        raise ValueError(
+            f"the prefill of {batch} prompt(s) needs about {need / 2**30:.2f} GiB (a cache of {cache_slots} entries "
+            f"per row and the attention of {chunk}-token chunks over {keys} keys) but {free / 2**30:.2f} GiB are "
+            f"free; {fix}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,8 +276,9 @@ def prefill(
     """Run prompts through a fresh cache. Returns (cache, float32 [B, V] logits of each row's last token).
 
     tokens: lists of ids, or a padded [B, T] array with `lengths` (padding on `padding_side`). Prompts are
-    padded to a power-of-two bucket, or cut into chunks of `chunk_size` tokens (exact: each chunk attends to
-    the cache left by the previous ones). capacity: slots per row (default: what the prompts need plus
+    padded to a power-of-two bucket, or cut into chunks of `chunk_size` tokens (default DEFAULT_PREFILL_CHUNK;
+    exact: each chunk attends to the cache left by the previous ones). A prefill that would not fit the free
+    memory is refused before any work. capacity: slots per row (default: what the prompts need plus
     `reserve`, rounded up to a multiple of 64); too small a capacity is an error, never a silent overwrite.
     policy: "full" (keep every entry), or an evicting policy ("anchor" or a `masks.Policy`, kvcache.py), which
     attends under its own mask. mask: the full cache's attention mask (see `model.mask_policy`).
@@ -259,7 +290,7 @@ def prefill(
     tokens_BT, lengths_B = _as_batch(tokens, lengths, padding_side)
     longest = int(lengths_B.max())
     _warn_past_context(model, longest, "the prompts")
-    chunk = bucket(longest) if chunk_size is None else min(chunk_size, bucket(longest))
+    chunk = min(DEFAULT_PREFILL_CHUNK if chunk_size is None else chunk_size, bucket(longest))
     if chunk < 1:
         raise ValueError(f"chunk_size={chunk_size} must be at least 1")
     width = _round_up(longest, chunk)
@@ -274,6 +305,8 @@ def prefill(
             f"capacity={capacity} KV slots per row is too small: these prompts need {need} "
             f"(chunk {chunk}, policy {str(policy)!r}); pass capacity>={need} or a smaller chunk_size"
         )
+    fix = "pass a smaller chunk size (--chunk-size) or fewer prompts at once"
+    _check_memory(model.cfg, len(lengths_B), chunk, capacity, capacity, fix)
     cache = kvcache.init(model.cfg, len(lengths_B), capacity, policy, anchor_ids, rule)
     graphdef, state = nnx.split(model)
     last_BV = None
@@ -352,17 +385,15 @@ def _generate_recompute(
     state: nnx.State,
     tokens_BT: np.ndarray,
     lengths_B: np.ndarray,
-    capacity: int | None,
-    max_new_tokens: int,
+    W: int,
     key: jax.Array,
     settings: sampling.Sampling,
     anchor_ids: tuple[int, ...],
     rule: masks.Policy,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Policy "none": every step recomputes the whole buffer under the mask. Returns the decode loop's outputs
-    and the time prefill ended."""
+    """Policy "none": every step recomputes the whole buffer of W tokens under the mask. Returns the decode
+    loop's outputs and the time prefill ended."""
     longest = int(lengths_B.max())
-    W = capacity or _round_up(longest + max_new_tokens, _MIN_BUCKET)
     if longest >= W:
         raise ValueError(f"capacity={W} cannot hold the prompts ({longest} tokens) plus one more; raise it")
     buf_BW = jnp.asarray(np.pad(tokens_BT[:, :W], ((0, 0), (0, max(0, W - tokens_BT.shape[1])))))
@@ -461,8 +492,10 @@ def generate(
     t0 = time.perf_counter()
     if policy == "none":
         cache = None
+        W = capacity or _round_up(longest + max_new_tokens, _MIN_BUCKET)
+        _check_memory(model.cfg, len(lengths_B), W, W, 0, "pass a cache policy, whose prefill goes in chunks")
         out_tok_BN, out_lp_BN, full_B, t1 = _generate_recompute(
-            graphdef, state, tokens_BT, lengths_B, capacity, max_new_tokens, key, settings, anchor_ids, rule
+            graphdef, state, tokens_BT, lengths_B, W, key, settings, anchor_ids, rule
         )
     else:
         cache, last_BV = prefill(
@@ -529,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS token")
-    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default: one chunk)")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help=f"prefill chunk length (default {DEFAULT_PREFILL_CHUNK})"
+    )
     p.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32 (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     cli_args.add_arguments(p)

@@ -44,6 +44,16 @@ def _masked_loglik_jit(
     return jnp.sum(logp_BK * weights_BK, axis=1), greedy_B
 
 
+def _check_finite(enc: tasks.EncodedTask, d: int, lls: np.ndarray, how: str) -> None:
+    """A NaN or Inf log-likelihood would turn into an accuracy that means nothing: stop at the first one."""
+    if not np.isfinite(lls).all():
+        o = int(np.flatnonzero(~np.isfinite(lls))[0])
+        raise FloatingPointError(
+            f"{enc.name} document {d} option {o}: the log-likelihood under {how} is {lls[o]}; the model's weights "
+            "or its --dtype overflow: use an earlier checkpoint or --dtype float32"
+        )
+
+
 def _doc_order(enc: tasks.EncodedTask) -> list[int]:
     """Documents longest first, so batches hold similar lengths."""
     longest = [max(len(c) + len(o) for c, o in opts) for opts in enc.options]
@@ -94,6 +104,8 @@ def score_masked(
             if out[d] is None:
                 out[d], greedy[d] = np.zeros(len(enc.options[d])), np.zeros(len(enc.options[d]), bool)
             out[d][o], greedy[d][o] = sums[r], all_greedy[r]
+        for d in batch:
+            _check_finite(enc, d, out[d], f"the {str(mask).partition(':')[0]} mask")
         i += n_docs
         bar.update(n_docs)
     bar.close()
@@ -162,6 +174,7 @@ def score_cached(
                 out[d][o] = float(np.sum(scored[0][k][start:], dtype=np.float64))
                 greedy[d][o] = bool(np.all(scored[1][k][start:]))
                 k += 1
+            _check_finite(enc, d, out[d], f"the {str(policy).partition(':')[0]} cache")
 
     if enc.prefix:
         cache, last_logits = generate.prefill(model, [enc.prefix], policy=policy, mask=mask)

@@ -13,14 +13,11 @@ eval.jsonl, tensorboard/ and loss.png. Start order: the run's latest checkpoint,
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import json
 import logging
 import math
 import os
 import signal
-import statistics
 import sys
 import time
 import zlib
@@ -28,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
@@ -35,12 +33,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from anllm_jax import checkpoints, data, records, sharding, trainlog, trainstate, trainstep
-from anllm_jax.config import RESUME_KEYS, GuardConfig, ModelConfig, TrainConfig, load_train_config, preset
+from anllm_jax.config import RESUME_KEYS, ModelConfig, TrainConfig, load_train_config, preset
 from anllm_jax.model import Llama
 from anllm_jax.tokenizer import AC_TOKEN, Tokenizer
 
 log = logging.getLogger("anllm_jax.train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+# Settings a resume checks against the run's start, beside the data settings of config.RESUME_KEYS; of the
+# model.overrides, those that change how the model computes but not what it is apply on resume.
+MODEL_KEYS = ("load_parameters_path", "model.preset", "model.tokenizer_path", "model.anchor_init", "model.ep_strings")
+APPLIED_ON_RESUME = ("dtype", "remat", "attention", "max_seq_len")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,15 +158,19 @@ def _eval_batches(cfg: TrainConfig, tokenizer: Any, b_shard: NamedSharding) -> l
     return batches
 
 
-def _export_model(directory: Path, graphdef: nnx.GraphDef, params: Any, tokenizer: Any) -> None:
+def _export_model(job: Job, step: int) -> None:
+    """<run>/model: the parameters of `step` (a native checkpoint whose manifest records the step, so that a rerun
+    and `checkpoints.load` see whether it is older than the newest checkpoint)."""
     if jax.process_count() > 1:
         log.warning(
             "checkpoint.export_model needs a single process; export with restore_train_state and "
             "checkpoints.save instead"
         )
         return
-    checkpoints.save(nnx.merge(graphdef, jax.device_get(params)), tokenizer, str(directory))
-    log.info("model written to %s (python -m anllm_jax.generate / anllm_jax.eval read it)", directory)
+    model = nnx.merge(job.graphdef, jax.device_get(job.state["params"]))
+    checkpoints.save(model, job.tokenizer, str(job.run_dir / "model"), writer=trainstate.EXPORT_WRITER, step=step)
+    log.info("model of step %d written to %s (python -m anllm_jax.generate / anllm_jax.eval read it)", step,
+             job.run_dir / "model")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -189,10 +195,12 @@ class Job:
     eval_fn: Any
     eval_batches: list[dict[str, jax.Array]] | None
     last_saved: int | None
-    guard: Guard
+    guard: trainstate.Guard
+    lock: records.DirLock | None = None
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    sigterm: bool = False
+    stop_signal: str = ""  # "SIGTERM" or "SIGINT" once one stopped the loop
+    last_batch: dict[str, jax.Array] | None = None
 
 
 def _check_batch(cfg: TrainConfig, mesh: jax.sharding.Mesh, rules: Any) -> None:
@@ -212,11 +220,10 @@ def _setting(cfg: TrainConfig, key: str) -> Any:
     return value
 
 
-def _resumes_data(cfg: TrainConfig, run_dir: Path) -> bool:
+def _resumes_data(cfg: TrainConfig, old: TrainConfig, run_dir: Path) -> bool:
     """Whether the data iterator goes on from the checkpoint's position: the settings that decide the data stream
-    must be those of the run's previous invocation; `resume_with_new_data` accepts a change and restarts the
-    stream (the weights and optimizer still resume)."""
-    old = load_train_config(str(run_dir / "config.yaml"))
+    must be those of the run's previous invocation (`old`); `resume_with_new_data` accepts a change and restarts
+    the stream (the weights and optimizer still resume)."""
     differ = [
         f"{k} {_setting(old, k)!r} -> {_setting(cfg, k)!r}" for k in RESUME_KEYS if _setting(old, k) != _setting(cfg, k)
     ]
@@ -232,29 +239,51 @@ def _resumes_data(cfg: TrainConfig, run_dir: Path) -> bool:
     )
 
 
-def _start_run_dir(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> tuple[ModelConfig, Any, Any, bool]:
+def _resumed_model(cfg: TrainConfig, old: TrainConfig, run_dir: Path) -> ModelConfig:
+    """The run's model (model_config.json) with the model.overrides a resume may change (APPLIED_ON_RESUME: how it
+    computes, not what it is); any other changed model setting is refused, since the checkpoint holds the weights
+    and optimizer state of the model the run started with."""
+    differ = [
+        f"{k} {_setting(old, k)!r} -> {_setting(cfg, k)!r}" for k in MODEL_KEYS if _setting(old, k) != _setting(cfg, k)
+    ]
+    new_o, old_o = cfg.model.overrides, old.model.overrides
+    for key in sorted(set(new_o) | set(old_o)):
+        if new_o.get(key, "<unset>") != old_o.get(key, "<unset>") and not (key in APPLIED_ON_RESUME and key in new_o):
+            differ.append(f"model.overrides.{key} {old_o.get(key, '<unset>')!r} -> {new_o.get(key, '<unset>')!r}")
+    if differ:
+        raise ValueError(
+            f"{run_dir} was started with other model settings ({'; '.join(differ)}), which its checkpoints cannot "
+            f"take; restore them or pick another run_name (a resume may change model.overrides."
+            f"{'/'.join(APPLIED_ON_RESUME)})"
+        )
+    applied = {k: new_o[k] for k in APPLIED_ON_RESUME if k in new_o}
+    return ModelConfig.from_dict(records.read_json(run_dir / "model_config.json")).replace(**applied)
+
+
+def _run_settings(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[ModelConfig, Any, Any, bool]:
     """(model config, host parameters or None, tokenizer, whether the data iterator resumes): the run's own on
-    resume, else built from the config; the first process writes config.yaml (and, for a new run, the model
-    config and tokenizer)."""
-    resume_data = False
-    if resume_step is not None:
-        resume_data = _resumes_data(cfg, run_dir)
-        mcfg = ModelConfig.from_dict(records.read_json(run_dir / "model_config.json"))
-        tokenizer = Tokenizer.load(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
-        host_params = None
-    else:
-        mcfg, host_params, tokenizer = build_model(cfg)
+    resume (checked against its previous invocation's config.yaml), else built from the config."""
+    if not resume:
+        return *build_model(cfg), False
+    old = load_train_config(str(run_dir / "config.yaml"))
+    resume_data = _resumes_data(cfg, old, run_dir)
+    mcfg = _resumed_model(cfg, old, run_dir)
+    tokenizer = Tokenizer.load(str(run_dir / "tokenizer")) if (run_dir / "tokenizer").exists() else None
+    return mcfg, None, tokenizer, resume_data
+
+
+def _write_run_files(cfg: TrainConfig, run_dir: Path, mcfg: ModelConfig, tokenizer: Any, new_run: bool) -> None:
+    """After the state was restored or made: config.yaml follows the latest invocation (a resume may extend
+    `steps`); the model config and tokenizer are fixed when the run starts. Written atomically by the first
+    process."""
     multihost_utils.sync_global_devices("run_dir checked")  # every process read the old config.yaml
     if jax.process_index() == 0:
-        # config.yaml follows the latest invocation (a resume may extend `steps`); the model and tokenizer are
-        # fixed when the run starts.
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if resume_step is None:
-            (run_dir / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=1))
+        records.write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if new_run:
+            records.write_json(run_dir / "model_config.json", mcfg.to_dict())
             if tokenizer is not None:
                 tokenizer.save(str(run_dir / "tokenizer"))
     multihost_utils.sync_global_devices("run_dir")
-    return mcfg, host_params, tokenizer, resume_data
 
 
 def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Job:
@@ -264,32 +293,41 @@ def setup(cfg: TrainConfig, devices: list[Any] | None = None) -> Job:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.axis_rules(cfg.mesh)
     _check_batch(cfg, mesh, rules)
-    records.check_writable(run_dir, "output_dir/run_name")
-    if cfg.dataset_type == "corpus":
-        _ensure_corpus(cfg)
-    ckpt = trainstate.Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    if not (math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr >= 0):
+        raise ValueError(f"optimizer.lr={cfg.optimizer.lr} must be a finite number >= 0, e.g. optimizer.lr=2e-5")
+    lock = trainstate.open_run_dir(run_dir, cfg.checkpoint.export_model)
+    ckpt = None
     try:
-        return _build_job(cfg, run_dir, mesh, rules, ckpt)
+        if cfg.dataset_type == "corpus":
+            _ensure_corpus(cfg)
+        ckpt = trainstate.Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        return _build_job(cfg, run_dir, mesh, rules, ckpt, lock)
     except BaseException:
-        ckpt.close()  # an open orbax manager would print its threads' shutdown tracebacks after the error
+        if ckpt is not None:
+            ckpt.close()  # an open orbax manager would print its threads' shutdown tracebacks after the error
+        if lock is not None:
+            lock.release()
         raise
 
 
-def _build_job(cfg: TrainConfig, run_dir: Path, mesh: jax.sharding.Mesh, rules: Any, ckpt: Any) -> Job:
-    resume_step = ckpt.latest_step()
-    mcfg, host_params, tokenizer, resume_data = _start_run_dir(cfg, run_dir, resume_step)
+def _build_job(
+    cfg: TrainConfig, run_dir: Path, mesh: jax.sharding.Mesh, rules: Any, ckpt: Any, lock: records.DirLock | None
+) -> Job:
+    resume = ckpt.latest_step() is not None
+    mcfg, host_params, tokenizer, resume_data = _run_settings(cfg, run_dir, resume)
 
     tx = trainstep.make_optimizer(cfg.optimizer, cfg.steps)
     abstract = trainstate.abstract_state(mcfg, tx, mesh, rules)
     graphdef = nnx.split(nnx.eval_shape(lambda: Llama(mcfg, rngs=nnx.Rngs(0))))[0]
-    data_state = None
-    if resume_step is not None:
-        state, data_state = ckpt.restore(resume_step, abstract)
+    data_state, resume_step, reference = None, None, {}
+    if resume:
+        resume_step, state, data_state, reference = ckpt.restore_newest(abstract)
         log.info("resumed from %s step %d", run_dir / "checkpoints", resume_step)
     else:
         state = trainstate.fresh_state(mcfg, tx, abstract, cfg.seed, host_params)
         source = cfg.load_parameters_path if host_params is not None else f"a fresh init of {cfg.model.preset}"
         log.info("weights from %s (%.1fM parameters), fresh optimizer", source, mcfg.num_params() / 1e6)
+    _write_run_files(cfg, run_dir, mcfg, tokenizer, new_run=not resume)
 
     seq_len = cfg.data.seq_len
     b_shard = sharding.batch_sharding(mesh, rules)
@@ -316,7 +354,7 @@ def _build_job(cfg: TrainConfig, run_dir: Path, mesh: jax.sharding.Mesh, rules: 
     )  # fmt: skip
     return Job(
         cfg, run_dir, mcfg, tokenizer, graphdef, state, iterator, compiled, b_shard, ckpt, runlog, eval_fn,
-        eval_batches, resume_step, Guard(cfg.guard, mcfg.vocab_size),
+        eval_batches, resume_step, trainstate.Guard(cfg.guard, mcfg.vocab_size, reference), lock,
     )  # fmt: skip
 
 
@@ -331,49 +369,26 @@ def evaluate(job: Job, step_no: int, when: str) -> dict[str, float]:
     return ppl
 
 
-class Guard:
-    """Decides, step by step, whether the run has diverged (GuardConfig): a non-finite loss or state, a gradient
-    norm of exactly 0 for several steps, or a loss spike against the recent median."""
-
-    def __init__(self, cfg: GuardConfig, vocab_size: int) -> None:
-        self.cfg, self.ln_vocab = cfg, math.log(vocab_size)
-        self.recent: collections.deque[float] = collections.deque(maxlen=cfg.spike_window)
-        self.zero_grads = 0
-
-    def problem(self, row: dict[str, Any]) -> str | None:
-        loss, c = row["loss"], self.cfg
-        if not math.isfinite(loss):
-            return f"loss is {loss}"
-        if row["finite"] < 1:
-            return "the parameters or the optimizer state hold NaN or Inf after the update"
-        self.zero_grads = self.zero_grads + 1 if row["grad_norm"] == 0 else 0
-        if c.zero_grad_steps and self.zero_grads >= c.zero_grad_steps:
-            return (
-                f"the gradient norm has been 0 for {self.zero_grads} steps (loss {loss:.4f}; ln(vocab) "
-                f"{self.ln_vocab:.4f} is a uniform guess), so the model no longer learns (guard.zero_grad_steps)"
-            )
-        if c.spike_factor and len(self.recent) == c.spike_window:
-            median = statistics.median(self.recent)
-            if loss > c.spike_factor * median:
-                return (
-                    f"loss {loss:.4f} is {loss / median:.1f}x the median {median:.4f} of the previous "
-                    f"{c.spike_window} steps (guard.spike_factor={c.spike_factor:g})"
-                )
-        self.recent.append(loss)
-        return None
-
-
-def _stop_diverged(job: Job, problem: str, step_no: int) -> None:
+def _stop_diverged(job: Job, problem: str, condemned: int, step_no: int, when: str) -> None:
+    """Stop the run: checkpoints holding condemned parameters (of steps >= step_no - condemned) move to
+    <run>/rejected/, and the error names the newest remaining one, which passed the guard."""
     job.ckpt.wait()  # the last good checkpoint is whole before the error names it
+    rejected = [s for s in job.ckpt.manager.all_steps() if s >= step_no - condemned]
+    for step in rejected:
+        job.ckpt.reject(step)
+    moved = (
+        f"; checkpoint step {', '.join(map(str, rejected))} held those parameters: moved to {job.run_dir / 'rejected'}"
+    )
     lower = f"optimizer.lr={job.cfg.optimizer.lr / 10:g}"
-    if job.last_saved:
+    good = job.ckpt.latest_step()
+    if good is not None:
         advice = (
-            f"the last good checkpoint is step {job.last_saved} in {job.run_dir / 'checkpoints'}: rerun the same "
-            f"command with a lower learning rate (e.g. {lower}) to resume from it"
+            f"the last good checkpoint is step {good} in {job.run_dir / 'checkpoints'}: rerun the same command with "
+            f"a lower learning rate (e.g. {lower}) to resume from it"
         )
     else:
-        advice = f"no checkpoint was written: start again with a lower learning rate (e.g. {lower})"
-    raise FloatingPointError(f"{problem} at step {step_no}; stopped without saving it; {advice}")
+        advice = f"no checkpoint passed the guard: start again with a lower learning rate (e.g. {lower})"
+    raise FloatingPointError(f"{problem} {when}; stopped without saving it{moved if rejected else ''}; {advice}")
 
 
 def _record(job: Job, pending: list[tuple[int, dict[str, jax.Array], int]], keep_last: int) -> None:
@@ -386,7 +401,7 @@ def _record(job: Job, pending: list[tuple[int, dict[str, jax.Array], int]], keep
         row.update(step=step_no, batch_crc=batch_hash, time=time.time())
         problem = job.guard.problem(row)
         if problem is not None:
-            _stop_diverged(job, problem, step_no)
+            _stop_diverged(job, *problem, step_no, f"at step {step_no}")
         job.history.append(row)
         job.runlog.step(row)
 
@@ -401,19 +416,38 @@ def _next_batch(job: Job) -> tuple[dict[str, jax.Array], int]:
     return arrays, zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
 
 
-def _sigterm_everywhere(flag: bool) -> bool:
-    """Whether any process received SIGTERM: all must stop at the same step to save one checkpoint together."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
+
+
+def _signal_everywhere(name: str) -> str:
+    """The stop signal this process received, or SIGTERM when only another did (all processes must stop at the
+    same step to save one checkpoint together); "" when none did."""
     if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+        return name
+    anywhere = bool(multihost_utils.process_allgather(np.asarray(bool(name))).any())
+    return name or ("SIGTERM" if anywhere else "")
+
+
+def _stop_handler(received: dict[str, str]) -> Any:
+    """SIGTERM (preemption, scancel) and a first Ctrl-C ask for a checkpoint at the next step boundary; a second
+    Ctrl-C stops at once (`main` reports it in one line; the previous checkpoint is whole)."""
+
+    def handler(signum: int, _: Any) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and received.get("name") == "SIGINT":
+            raise KeyboardInterrupt
+        received.setdefault("name", name)
+
+    return handler
 
 
 def loop(job: Job) -> None:
     """Steps from the state's step to cfg.steps, with periodic evaluation, checkpoints and a clean stop on
-    SIGTERM (checkpoint, then return)."""
+    SIGTERM or Ctrl-C (checkpoint, then return)."""
     cfg = job.cfg
-    received = {"sigterm": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: received.update(sigterm=True))
+    received: dict[str, str] = {}
+    previous = {s: signal.signal(s, _stop_handler(received)) for s in STOP_SIGNALS}
     profiler = trainlog.StepProfiler(cfg.profile, job.run_dir / "profile", jax.process_index() == 0)
     pending: list[tuple[int, dict[str, jax.Array], int]] = []
     start = int(sharding.host_value(job.state["step"]))
@@ -425,45 +459,88 @@ def loop(job: Job) -> None:
             profiler.before(step)
             batch, batch_hash = _next_batch(job)
             job.state, metrics = job.compiled(job.state, batch)
+            job.last_batch = batch
             profiler.after(step, metrics)
             pending.append((step, metrics, batch_hash))
             _record(job, pending, keep_last=1)
-            job.sigterm = _sigterm_everywhere(received["sigterm"])
+            job.stop_signal = _signal_everywhere(received.get("name", ""))
             every = cfg.eval.every_steps
-            if job.eval_batches and every and step % every == 0 and step < cfg.steps and not job.sigterm:
+            if job.eval_batches and every and step % every == 0 and step < cfg.steps and not job.stop_signal:
                 _record(job, pending, keep_last=0)
                 t_eval = time.time()
                 evaluate(job, step, f"at step {step}")
                 job.runlog.pause(time.time() - t_eval)
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.steps or job.sigterm:
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.steps or job.stop_signal:
                 _record(job, pending, keep_last=0)
-                job.ckpt.save(step, job.state, job.iterator.get_state())
+                job.ckpt.save(step, job.state, job.iterator.get_state(), job.guard.reference())
+                job.ckpt.prune(job.guard.passed_through(step))
                 job.last_saved = step
-            if job.sigterm:
+            if job.stop_signal:
                 job.ckpt.wait()
-                log.info("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", step)
+                log.info("%s: saved checkpoint at step %d; rerun the same command to resume", job.stop_signal, step)
                 break
         _record(job, pending, keep_last=0)
         job.ckpt.wait()
     finally:
         profiler.stop()
         # After a preemption checkpoint, a further SIGTERM (a scheduler ending the other tasks once one has exited
-        # with 143) must not kill this process in the middle of its orderly exit (`train` and `main` keep it
-        # ignored until then); the scheduler's KillWait still bounds that exit.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if job.sigterm else previous_handler)
+        # with 143) or Ctrl-C must not kill this process in the middle of its orderly exit (`train` and `main`
+        # keep them ignored until then); the scheduler's KillWait still bounds that exit.
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN if job.stop_signal else previous[s])
+
+
+def _final_loss(job: Job) -> float | None:
+    """Loss of the current parameters on the last training batch (a rerun: the next one, else a held-out one);
+    None when no batch is left."""
+    batch = job.last_batch
+    if batch is None:
+        try:
+            batch = _next_batch(job)[0]
+        except StopIteration:
+            batch = job.eval_batches[0] if job.eval_batches else None
+    if batch is None:
+        return None
+
+    def loss(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        logits = nnx.merge(job.graphdef, params)(tokens, segment_ids_BT=seg)
+        nll, count = trainstep.next_token_nll(logits, tokens, seg, job.mcfg.pad_id)
+        return nll / jnp.maximum(count, 1.0)
+
+    fn = jax.jit(loss, out_shardings=sharding.replicated(job.batch_sharding.mesh))
+    return float(sharding.host_value(fn(job.state["params"], batch)))
+
+
+def _export_checked(job: Job, step: int) -> None:
+    """Export step `step`'s parameters once the guard passed them: no later step has checked them, so their loss
+    on a batch stands in for that step's row (a failure moves the final checkpoint to rejected/)."""
+    loss = _final_loss(job)
+    if loss is None:
+        log.warning("no batch is left to check the final parameters with; exporting them unchecked")
+    else:
+        problem = job.guard.problem({"loss": loss, "finite": 1.0})
+        if problem is not None:
+            _stop_diverged(job, problem[0], problem[1], step + 1, f"after the last step {step}")
+        job.ckpt.prune(step)
+    _export_model(job, step)
 
 
 def finish(job: Job) -> dict[str, Any]:
-    """Final evaluation (skipped after SIGTERM: the grace period belongs to the checkpoint), the exported model
-    and loss.png; returns the run's summary."""
-    if job.eval_batches and not job.sigterm:
-        job.results["eval_after"] = evaluate(job, int(sharding.host_value(job.state["step"])), "after training")
-    if job.cfg.checkpoint.export_model and job.history:
-        _export_model(job.run_dir / "model", job.graphdef, job.state["params"], job.tokenizer)
+    """Final evaluation (skipped after a stop signal: the grace period belongs to the checkpoint), the exported
+    model of a complete run (also on a rerun, when model/ is older than the newest step) and loss.png; returns
+    the run's summary."""
+    step = int(sharding.host_value(job.state["step"]))
+    if job.eval_batches and not job.stop_signal:
+        job.results["eval_after"] = evaluate(job, step, "after training")
+    complete = not job.stop_signal and step >= job.cfg.steps
+    if job.cfg.checkpoint.export_model and complete and trainstate.export_is_stale(job.run_dir, step):
+        _export_checked(job, step)
     if jax.process_index() == 0 and job.history:
         trainlog.plot_loss(job.run_dir)
     return {
-        "preempted": job.sigterm,
+        "preempted": bool(job.stop_signal),
+        "stop_signal": job.stop_signal,
         "history": job.history,
         "state": job.state,
         "model_config": job.mcfg,
@@ -474,8 +551,8 @@ def finish(job: Job) -> dict[str, Any]:
 
 def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
     """Run the job; returns {history: per-step metric dicts, state: final train state, model_config, run_dir,
-    preempted, eval_before/eval_after: held-out perplexities}."""
-    previous_handler = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL
+    preempted, stop_signal, eval_before/eval_after: held-out perplexities}."""
+    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in STOP_SIGNALS}
     job = setup(cfg, devices)
     try:
         if job.eval_batches and job.last_saved is None:
@@ -485,7 +562,10 @@ def train(cfg: TrainConfig, devices: list[Any] | None = None) -> dict[str, Any]:
     finally:
         job.ckpt.close()
         job.runlog.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        if job.lock is not None:
+            job.lock.release()
+        for s in STOP_SIGNALS:
+            signal.signal(s, previous[s])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -510,12 +590,20 @@ def main(argv: list[str] | None = None) -> None:
         if jax.process_index() != 0:
             logging.getLogger().setLevel(logging.WARNING)
         result = train(cfg)
-        if result["preempted"]:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # see `loop`: the exit itself is not cut short
-            sys.exit(143)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if result["stop_signal"]:
+            for s in STOP_SIGNALS:  # see `loop`: the exit itself is not cut short
+                signal.signal(s, signal.SIG_IGN)
+            sys.exit(EXIT_CODES[result["stop_signal"]])
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         print(f"anllm_jax.train: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(
+            "anllm_jax.train: error: interrupted (Ctrl-C) before a checkpoint was written; the newest checkpoint "
+            "is whole: rerun the same command to resume from it",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     log.info("run directory: %s", result["run_dir"])
 
 
