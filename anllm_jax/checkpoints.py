@@ -66,7 +66,9 @@ class _QuietOrbaxErrors(logging.Filter):
     report the error in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        # asyncio reports an orbax task's unretrieved failure when the task is collected, naming orbax in the text.
+        where = record.getMessage() if record.name == "asyncio" else record.pathname
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in where)
 
 
 def _quiet_leftovers(previous: Any) -> Any:
@@ -90,6 +92,7 @@ def _quiet_leftovers(previous: Any) -> Any:
 def quiet_orbax() -> None:
     """Before reading or writing with orbax: its failures reach the caller as one exception, and nothing else."""
     logging.getLogger("absl").addFilter(_QUIET)
+    logging.getLogger("asyncio").addFilter(_QUIET)
     if not getattr(sys.unraisablehook, "quiet_orbax", False):
         sys.unraisablehook = _quiet_leftovers(sys.unraisablehook)
 

@@ -376,7 +376,7 @@ def write_tasks(output: str, names: Sequence[str] = tasks.TASKS, limit: int | No
             records.write_text(Path(tmp) / f"{name}{LOCAL_SUFFIX}.yaml", yaml.safe_dump(spec, sort_keys=False))
         records.write_json(Path(tmp) / _INDEX, {n + LOCAL_SUFFIX: len(r) for n, r in splits.items()})
 
-    records.replace_dir(final, write, lambda p: (p / _INDEX).exists())
+    records.replace_dir(final, write, "anllm_jax.lm_eval_model write-tasks")
     return [n + LOCAL_SUFFIX for n in names]
 
 
